@@ -1,0 +1,27 @@
+"""Gunicorn settings for llm-backend: uvicorn workers, long timeouts for streams, graceful shutdown."""
+
+import multiprocessing
+import os
+
+host = os.environ.get("HOST", "127.0.0.1")
+port = int(os.environ.get("PORT", "8080"))
+bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+
+workers = int(os.environ.get("WEB_CONCURRENCY", str(min(multiprocessing.cpu_count(), 4))))
+worker_class = "uvicorn_worker.UvicornWorker"
+
+# Streams of long completions can run for minutes: the worker timeout only guards against hung workers
+# (uvicorn workers heartbeat from their event loop), and graceful_timeout bounds how long a SIGTERM waits
+# for in-flight requests and the recorder's drain before the worker is killed.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "600"))
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "120"))
+keepalive = int(os.environ.get("KEEPALIVE", "75"))
+
+# Per-worker resources (database engine, upstream clients, recorder) are created in the ASGI lifespan,
+# after the fork, so preloading only shares the imported code.
+preload_app = False
+
+accesslog = None  # llm-backend logs one structured line per request itself
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
