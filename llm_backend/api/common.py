@@ -1,0 +1,62 @@
+"""Shared pieces of the HTTP handlers: per-request context, JSON and SSE responses."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+from connexion import request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from llm_backend.api.validation import BODY_STATE_KEY
+from llm_backend.services.proxy import Caller, JsonResult, StreamResult
+
+if TYPE_CHECKING:
+    from llm_backend.lifespan import Resources
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+def state() -> dict[str, Any]:
+    return request.scope["state"]  # type: ignore[no-any-return]
+
+
+def resources() -> Resources:
+    return state()["resources"]  # type: ignore[no-any-return]
+
+
+def caller() -> Caller:
+    return state()["caller"]  # type: ignore[no-any-return]
+
+
+def body_and_raw() -> tuple[dict[str, Any], bytes]:
+    """The request body the validator already parsed, and its raw bytes."""
+    return state()[BODY_STATE_KEY]  # type: ignore[no-any-return]
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
+
+
+class EventStreamResponse(StreamingResponse):
+    """A StreamingResponse that always closes its iterator, so a vanished client cancels the upstream."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            closer = getattr(self.body_iterator, "aclose", None)
+            if closer is not None:
+                with anyio.CancelScope(shield=True):
+                    await closer()
+
+
+def to_response(result: JsonResult | StreamResult) -> Response:
+    if isinstance(result, StreamResult):
+        return EventStreamResponse(
+            result.frames, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers}
+        )
+    return Response(result.content, status_code=result.status_code, headers=result.headers, media_type="application/json")
+

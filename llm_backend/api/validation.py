@@ -1,0 +1,161 @@
+"""Request-body validation for Connexion: orjson parsing, cached validators, OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any
+
+import orjson
+from connexion.json_schema import Draft4RequestValidator
+from connexion.validators import JSONRequestBodyValidator
+from jsonschema import Draft4Validator, ValidationError
+from jsonschema.exceptions import best_match
+from starlette.types import Scope
+
+from llm_backend.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+BODY_STATE_KEY = "llmb.body"
+_TYPE_NAMES = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "array": "an array",
+    "object": "an object",
+    "null": "null",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def param_of(path: Iterable[Any]) -> str | None:
+    """OpenAI's way of naming a field: messages.[0].content."""
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in path]
+    return ".".join(parts) or None
+
+
+def _pick(error: ValidationError) -> ValidationError:
+    """For a oneOf over message roles, report the branch whose role matches, not the generic failure."""
+    while error.validator in ("oneOf", "anyOf") and error.context:
+        instance = error.instance
+        if isinstance(instance, dict) and "role" in instance:
+            matching = [
+                e
+                for e in error.context
+                if not (e.validator == "enum" and list(e.relative_path) == ["role"])
+            ]
+            by_branch: dict[int, list[ValidationError]] = {}
+            for e in error.context:
+                by_branch.setdefault(e.schema_path[0], []).append(e)  # type: ignore[arg-type]
+            role_ok = [
+                errs
+                for errs in by_branch.values()
+                if not any(e.validator == "enum" and list(e.relative_path) == ["role"] for e in errs)
+            ]
+            if len(role_ok) == 1:
+                return _pick(best_match(role_ok[0]))
+            if not role_ok:
+                return error  # no branch has this role: report the role itself
+            matching = [e for errs in role_ok for e in errs]
+            return _pick(best_match(matching))
+        picked = best_match(error.context)
+        if picked is error:
+            break
+        error = picked
+    return error
+
+
+def to_invalid_request(error: ValidationError) -> InvalidRequest:
+    error = _pick(error)
+    path = list(error.absolute_path)
+    param = param_of(path)
+    instance = error.instance
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        full = param_of([*path, missing])
+        return InvalidRequest(f"Missing required parameter: '{full}'.", param=full, code="missing_required_parameter")
+    if error.validator in ("oneOf", "anyOf") and isinstance(instance, dict) and "role" in instance:
+        roles = "'system', 'developer', 'user', 'assistant', 'tool' and 'function'"
+        return InvalidRequest(
+            f"Invalid value: '{instance.get('role')}'. Supported values are: {roles}.",
+            param=param_of([*path, "role"]),
+            code="invalid_value",
+        )
+    if error.validator == "type" or (error.validator in ("oneOf", "anyOf") and not isinstance(instance, dict)):
+        expected = error.validator_value if error.validator == "type" else None
+        if expected is None:
+            types = sorted({str(s.get("type")) for s in error.validator_value if isinstance(s, dict) and s.get("type")})
+            wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in types) or "another type"
+        else:
+            wanted = _TYPE_NAMES.get(str(expected), str(expected))
+        got = _TYPE_NAMES.get(_json_type(instance), _json_type(instance))
+        return InvalidRequest(
+            f"Invalid type for '{param}': expected {wanted}, but got {got} instead.",
+            param=param,
+            code="invalid_type",
+        )
+    if error.validator == "enum":
+        allowed = ", ".join(f"'{v}'" for v in error.validator_value)
+        return InvalidRequest(
+            f"Invalid value: '{instance}'. Supported values are: {allowed}.", param=param, code="invalid_value"
+        )
+    if error.validator in ("minimum", "maximum", "minItems", "maxItems", "minLength"):
+        return InvalidRequest(f"Invalid '{param}': {error.message}.", param=param, code="invalid_value")
+    return InvalidRequest(f"Invalid '{param or 'body'}': {error.message}.", param=param, code="invalid_value")
+
+
+class OpenAIJSONBodyValidator(JSONRequestBodyValidator):
+    """Parses once with orjson (the handler reuses the result) and compiles each schema's validator once."""
+
+    _cache: dict[int, tuple[dict[str, Any], Draft4Validator]] = {}
+
+    @property
+    def _validator(self) -> Draft4Validator:
+        key = id(self._schema)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not self._schema:
+            hit = (self._schema, Draft4RequestValidator(self._schema, format_checker=Draft4Validator.FORMAT_CHECKER))
+            self._cache[key] = hit
+        return hit[1]
+
+    async def _parse(self, stream: AsyncGenerator[bytes, None], scope: Scope) -> Any:
+        raw = b"".join([chunk async for chunk in stream])
+        if not raw:
+            return None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(
+                f"We could not parse the JSON body of your request ({exc}). The body must be valid JSON.",
+                code="invalid_json",
+            ) from None
+        scope.setdefault("state", {})[BODY_STATE_KEY] = (body, raw)
+        return body
+
+    def _validate(self, body: Any) -> dict[str, Any] | None:
+        if body is None:
+            raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        try:
+            self._validator.validate(body)
+        except ValidationError as exc:
+            raise to_invalid_request(exc) from None
+        return None

@@ -1,0 +1,177 @@
+"""The app factory: the spec, the middleware, OpenAI-shaped error handlers and the lifespan."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from connexion import AsyncApp
+from connexion.exceptions import ProblemException
+from connexion.lifecycle import ConnexionRequest, ConnexionResponse
+from connexion.middleware import MiddlewarePosition
+from connexion.options import SwaggerUIOptions
+from starlette.exceptions import HTTPException
+
+from llm_backend.api.middleware import RequestContextMiddleware
+from llm_backend.api.validation import OpenAIJSONBodyValidator
+from llm_backend.config import Settings
+from llm_backend.errors import GatewayError, error_body, upstream_error_response
+from llm_backend.lifespan import lifespan_for
+from llm_backend.logs import configure_logging
+from llm_backend.upstream.errors import UpstreamError
+
+logger = logging.getLogger(__name__)
+
+SPEC_DIR = Path(__file__).resolve().parent.parent / "openapi"
+if not SPEC_DIR.exists():  # installed without the repository checkout
+    SPEC_DIR = Path(__file__).resolve().parent / "openapi"
+
+_orjson_dumps: Any = None
+
+
+def _dumps(data: Any) -> bytes:
+    global _orjson_dumps
+    if _orjson_dumps is None:
+        import orjson
+
+        _orjson_dumps = orjson.dumps
+    return _orjson_dumps(data)  # type: ignore[no-any-return]
+
+
+def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> ConnexionResponse:
+    return ConnexionResponse(
+        status_code=status, body=_dumps(body), headers=headers or {}, content_type="application/json"
+    )
+
+
+def _note_error(request: ConnexionRequest, code: str | None) -> None:
+    caller = request.scope.get("state", {}).get("caller")
+    if caller is not None and code:
+        caller.log.setdefault("error", code)
+
+
+def handle_gateway_error(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    assert isinstance(exc, GatewayError)
+    _note_error(request, exc.code or exc.error_type)
+    return _response(exc.status_code, exc.body(), exc.headers)
+
+
+def handle_upstream_error(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    assert isinstance(exc, UpstreamError)
+    status, body, headers = upstream_error_response(exc)
+    _note_error(request, exc.code or exc.error_type)
+    return _response(status, body, headers)
+
+
+_PROBLEM_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", "permission_denied"),
+    404: ("invalid_request_error", "unknown_url"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+}
+
+
+def handle_problem(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    """Connexion's and Starlette's own errors (routing, security, media type) in OpenAI's shape."""
+    status = int(getattr(exc, "status_code", None) or getattr(exc, "status", None) or 500)
+    detail = str(getattr(exc, "detail", None) or getattr(exc, "title", None) or "")
+    error_type, code = _PROBLEM_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    method = request.scope.get("method", "")
+    path = request.scope.get("path", "")
+    if status == 401:
+        message = (
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>` or `api-key: <key>`."
+            if "No authorization token" in detail or "Missing" in detail or not detail
+            else "Incorrect API key provided."
+        )
+    elif status == 404:
+        message = f"Invalid URL ({method} {path})"
+    elif status == 405:
+        message = f"Method not allowed ({method} {path})"
+    elif status == 415:
+        message = "Unsupported Content-Type: send the body as application/json."
+    elif status >= 500:
+        message = "The server had an error while processing your request."
+        logger.error("internal problem: %s", detail)
+    else:
+        message = detail or "Bad request."
+    _note_error(request, code or error_type)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return _response(status, error_body(message, error_type, None, code), headers)
+
+
+def handle_unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    if isinstance(exc, GatewayError):
+        return handle_gateway_error(request, exc)
+    if isinstance(exc, UpstreamError):
+        return handle_upstream_error(request, exc)
+    if isinstance(exc, ProblemException | HTTPException):
+        return handle_problem(request, exc)
+    caller = request.scope.get("state", {}).get("caller")
+    rid = caller.request_id if caller is not None else "unknown"
+    logger.exception("unhandled error in request %s", rid)
+    _note_error(request, "server_error")
+    return _response(
+        500,
+        error_body(
+            f"The server had an error while processing your request (request id {rid}).",
+            "server_error",
+            None,
+            "internal_error",
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _spec_text(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def load_spec(settings: Settings) -> dict[str, Any]:
+    """The spec as a dict; with LLM_BACKEND_AUTH=none the security requirements become optional."""
+    spec: dict[str, Any] = yaml.safe_load(_spec_text(str(SPEC_DIR / "openapi.yaml")))
+    if settings.auth == "none":
+        spec = copy.deepcopy(spec)
+        spec["security"] = [*spec.get("security", []), {}]
+        for item in spec.get("paths", {}).values():
+            for op in item.values():
+                if isinstance(op, dict) and op.get("security"):
+                    op["security"] = [*op["security"], {}]
+    return spec
+
+
+def create_app(settings: Settings | None = None) -> AsyncApp:
+    """Build a fresh app: tests call this with their own Settings; asgi.py calls it once per process."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+    app = AsyncApp(__name__, lifespan=lifespan_for(settings), specification_dir=str(SPEC_DIR))
+    app.add_api(
+        load_spec(settings),
+        strict_validation=False,
+        validate_responses=False,
+        pythonic_params=False,
+        validator_map={"body": {"application/json": OpenAIJSONBodyValidator}},
+        swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs", spec_path="/openapi.json"),
+    )
+    app.add_error_handler(GatewayError, handle_gateway_error)
+    app.add_error_handler(UpstreamError, handle_upstream_error)
+    app.add_error_handler(ProblemException, handle_problem)
+    app.add_error_handler(HTTPException, handle_problem)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_middleware(
+        RequestContextMiddleware,
+        position=MiddlewarePosition.BEFORE_EXCEPTION,
+        max_body_bytes=settings.max_body_bytes,
+        trusted_proxies=settings.trusted_proxies,
+    )
+    from llm_backend.api.metrics import add_metrics_route
+
+    add_metrics_route(app)
+    return app

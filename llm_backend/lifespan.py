@@ -1,0 +1,131 @@
+"""Per-worker resources, created in the ASGI lifespan after gunicorn forks and closed on shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_backend.config import BackendConfig, Settings
+from llm_backend.metrics import Metrics
+from llm_backend.services.proxy import Caller, ProxyService, RecordSink
+from llm_backend.upstream.base import Backend
+from llm_backend.upstream.mock import MockBackend
+from llm_backend.upstream.router import Router
+from llm_backend.upstream.sdk import SdkBackend
+
+logger = logging.getLogger(__name__)
+
+
+def make_backend(config: BackendConfig, settings: Settings) -> Backend:
+    if config.provider == "mock":
+        return MockBackend(config)
+    token_provider = None
+    if config.auth == "entra_id":
+        from llm_backend.upstream.identity import entra_token_provider
+
+        token_provider = entra_token_provider()
+    return SdkBackend(config, http_client_kind=settings.upstream_http_client, azure_ad_token_provider=token_provider)
+
+
+@dataclass
+class Resources:
+    """Everything a worker holds: upstream clients, router, recorder, limiter, key store."""
+
+    settings: Settings
+    router: Router
+    proxy: ProxyService
+    backends: dict[str, Backend]
+    recorder: Any = None
+    engine: Any = None
+    admit: Callable[..., Awaitable[Any]] | None = None
+    authenticator: Any = None
+    metrics: Metrics = field(default_factory=Metrics)
+    extra_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = field(default_factory=list)
+
+    async def authenticate(self, token: str, caller: Caller) -> dict[str, Any] | None:
+        if self.authenticator is None:
+            return {"sub": "anonymous"}
+        principal: dict[str, Any] | None = await self.authenticator(token, caller)
+        return principal
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {"models": {"ok": bool(self.router.models) or bool(self.backends)}}
+        for check in self.extra_checks:
+            name, ok, message = await check()
+            checks[name] = {"ok": ok, "message": message}
+        return all(c["ok"] for c in checks.values()), checks
+
+    def on_request_done(self, caller: Caller, status: int, state: dict[str, Any]) -> None:
+        """Count every request; record the OpenAI-style ones that ended before reaching the proxy service."""
+        self.metrics.observe_request(
+            caller.route if caller.route.startswith(("/v1/", "/api/", "/admin/")) else _route_group(caller.route),
+            status,
+            caller.log.get("model"),
+            time.perf_counter() - caller.started,
+            int(caller.log.get("tokens") or 0),
+        )
+        if caller.recorded or not caller.route.startswith(("/v1/", "/openai/")):
+            return
+        from llm_backend.api.validation import BODY_STATE_KEY
+
+        body = state.get(BODY_STATE_KEY, (None, None))[0]
+        operation = _operation_of(caller.route)
+        error = caller.log.get("error") if status >= 400 else None
+        self.proxy.record_rejection(caller, operation, status, error, body if isinstance(body, dict) else None)
+
+
+def _route_group(path: str) -> str:
+    if path.startswith("/openai/deployments/"):
+        return "/openai/deployments/{deployment}/" + path.rsplit("/", 2)[-2 if path.endswith("/chat/completions") else -1]
+    return path if path in ("/healthz", "/readyz", "/metrics", "/openai/models", "/openai/deployments") else "other"
+
+
+def _operation_of(path: str) -> str:
+    for suffix, name in (("/chat/completions", "chat"), ("/completions", "completions"), ("/embeddings", "embeddings")):
+        if path.endswith(suffix):
+            return name
+    return "models" if "models" in path or "deployments" in path else "other"
+
+
+async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) -> Resources:
+    backends: dict[str, Backend] = {}
+    for model in settings.models:
+        for bc in model.backends:
+            backend = make_backend(bc, settings)
+            backends[f"{model.name}/{bc.name}"] = backend
+            stack.push_async_callback(backend.close)
+    router = Router(settings.models, backends)
+    recorder: RecordSink | None = None
+    resources = Resources(settings=settings, router=router, proxy=ProxyService(router), backends=backends)
+    if settings.recording:
+        from llm_backend.recording.setup import start_recording
+
+        recorder = await start_recording(settings, resources, stack)
+    resources.proxy = ProxyService(router, recorder, record_content=settings.record_content)
+    from llm_backend.services.access import setup_access
+
+    await setup_access(settings, resources, stack)
+    return resources
+
+
+def lifespan_for(settings: Settings) -> Callable[[Any], contextlib.AbstractAsyncContextManager[dict[str, Any]]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
+        async with contextlib.AsyncExitStack() as stack:
+            resources = await build_resources(settings, stack)
+            names = ", ".join(m.name for m in settings.models) or "*"
+            logger.info(
+                "llm-backend ready: models %s from %s; recording %s; auth %s",
+                names,
+                settings.config_source,
+                "on" if settings.recording else "off",
+                settings.auth,
+            )
+            yield {"resources": resources, "on_request_done": resources.on_request_done}
+            logger.info("llm-backend worker shutting down")
+
+    return lifespan

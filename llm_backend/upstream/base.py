@@ -1,0 +1,105 @@
+"""The backend interface every upstream implements, and the SSE reader shared by them."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from llm_backend.config import BackendConfig
+
+# Operations a backend can be asked for, as the path suffix OpenAI and Azure both use.
+CHAT = "chat/completions"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """A complete (non-streamed) upstream answer: the body bytes exactly as the upstream sent them."""
+
+    status_code: int
+    content: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class UpstreamStream(abc.ABC):
+    """An opened upstream stream whose status was 2xx: yields each SSE `data:` payload, `[DONE]` excluded."""
+
+    headers: Mapping[str, str] = {}
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop reading and release the upstream connection (cancels the upstream generation)."""
+
+
+class Backend(abc.ABC):
+    """One upstream deployment/server. Implementations raise llm_backend.upstream.errors on failure."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.provider = config.provider
+
+    def upstream_model(self, requested: str) -> str:
+        """The deployment or model name the upstream will see, for records and logs."""
+        return self.config.deployment or self.config.model or requested
+
+    def rewrites_model(self) -> bool:
+        """True when the body's `model` must be replaced by the upstream model name before sending."""
+        return False
+
+    @abc.abstractmethod
+    async def post(self, operation: str, body: bytes, *, model: str) -> UpstreamResponse:
+        """Send a non-streaming request; return the 2xx answer or raise an UpstreamError."""
+
+    @abc.abstractmethod
+    async def open_stream(self, operation: str, body: bytes, *, model: str) -> UpstreamStream:
+        """Send a streaming request and return once the upstream answered 2xx; raise an UpstreamError else."""
+
+    async def list_models(self) -> list[dict[str, object]] | None:
+        """The upstream's model list if it can give one cheaply; None when unknown."""
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (lifespan shutdown)."""
+
+
+async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split a byte stream into SSE events and yield each event's data (joined lines), stopping at [DONE]."""
+    buffer = b""
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        buffer += chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            block, buffer = buffer[:end], buffer[end + 2 :]
+            data = _event_data(block)
+            if data is None:
+                continue
+            if data == b"[DONE]":
+                return
+            yield data
+    if buffer.strip():
+        data = _event_data(buffer.strip(b"\n"))
+        if data is not None and data != b"[DONE]":
+            yield data
+
+
+def _event_data(block: bytes) -> bytes | None:
+    if block.startswith(b"data:") and b"\n" not in block:
+        return block[6:] if block[5:6] == b" " else block[5:]
+    lines = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines) if lines else None
