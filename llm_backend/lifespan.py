@@ -43,6 +43,9 @@ class Resources:
     engine: Any = None
     admit: Callable[..., Awaitable[Any]] | None = None
     authenticator: Any = None
+    key_store: Any = None
+    conversations: Any = None
+    limiter: Any = None
     metrics: Metrics = field(default_factory=Metrics)
     extra_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = field(default_factory=list)
 
@@ -99,16 +102,17 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
             backends[f"{model.name}/{bc.name}"] = backend
             stack.push_async_callback(backend.close)
     router = Router(settings.models, backends)
-    recorder: RecordSink | None = None
     resources = Resources(settings=settings, router=router, proxy=ProxyService(router), backends=backends)
-    if settings.recording:
-        from llm_backend.recording.setup import start_recording
+    from llm_backend.storage import setup_storage
 
-        recorder = await start_recording(settings, resources, stack)
+    await setup_storage(settings, resources, stack)
+    recorder: RecordSink | None = resources.recorder
     resources.proxy = ProxyService(router, recorder, record_content=settings.record_content)
     from llm_backend.services.access import setup_access
+    from llm_backend.services.conversations import ConversationService
 
     await setup_access(settings, resources, stack)
+    resources.conversations = ConversationService(resources.engine, resources.proxy)
     return resources
 
 

@@ -32,8 +32,12 @@ def caller() -> Caller:
 
 
 def body_and_raw() -> tuple[dict[str, Any], bytes]:
-    """The request body the validator already parsed, and its raw bytes."""
-    return state()[BODY_STATE_KEY]  # type: ignore[no-any-return]
+    """The request body the validator already parsed, and its raw bytes ({} and b"" when there was none)."""
+    return state().get(BODY_STATE_KEY) or ({}, b"")  # type: ignore[no-any-return]
+
+
+def body() -> dict[str, Any]:
+    return body_and_raw()[0]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

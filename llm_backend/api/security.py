@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from connexion import request
-
-from llm_backend.api.common import resources
+from connexion.lifecycle import ConnexionRequest
 
 
-async def _principal(token: str) -> dict[str, Any] | None:
+async def _principal(token: str, request: ConnexionRequest) -> dict[str, Any] | None:
     state = request.scope["state"]
-    principal = await resources().authenticate(token, state["caller"])
+    principal: dict[str, Any] | None = await state["resources"].authenticate(token, state["caller"])
     return principal
 
 
-async def bearer_info(token: str) -> dict[str, Any] | None:
-    return await _principal(token)
+async def bearer_info(token: str, request: ConnexionRequest) -> dict[str, Any] | None:
+    return await _principal(token, request)
 
 
-async def api_key_info(api_key: str, required_scopes: Any = None) -> dict[str, Any] | None:
-    return await _principal(api_key)
+async def api_key_info(api_key: str, request: ConnexionRequest, required_scopes: Any = None) -> dict[str, Any] | None:
+    return await _principal(api_key, request)

@@ -151,6 +151,8 @@ class OpenAIJSONBodyValidator(JSONRequestBodyValidator):
 
     def _validate(self, body: Any) -> dict[str, Any] | None:
         if body is None:
+            if not self._required:
+                return None
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -51,6 +51,7 @@ class Admission(Protocol):
 
 
 Admit = Callable[["Caller", ModelRoute, dict[str, Any]], Any]
+OnReply = Callable[[dict[str, Any] | None, Usage, str], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -62,11 +63,15 @@ class Caller:
     client_ip: str | None = None
     key_id: str | None = None
     allowed_models: frozenset[str] | None = None  # None: every model
+    key_name: str | None = None
+    is_admin: bool = False
+    limits: Any = None  # llm_backend.limits.KeyLimits of the key, when it has any
     conversation_id: str | None = None
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     log: dict[str, Any] = field(default_factory=dict)
     recorded: bool = False
+    record_messages: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +177,15 @@ class ProxyService:
         model: str | None = None,
         azure_style: bool = False,
         admit: Admit | None = None,
+        record_messages: bool = True,
+        on_reply: OnReply | None = None,
     ) -> JsonResult | StreamResult:
-        """Forward one request. `model` overrides the body's (the Azure-style routes name a deployment)."""
+        """Forward one request. `model` overrides the body's (the Azure-style routes name a deployment).
+
+        `record_messages=False` keeps the content out of the record (the sessions API stores it itself);
+        `on_reply(reply, usage, outcome)` is called when a stream ends, with the assembled reply.
+        """
+        caller.record_messages = record_messages
         requested = model if model is not None else body.get("model")
         if requested is not None and not isinstance(requested, str):
             raise InvalidRequest("`model` must be a string", param="model")
@@ -187,7 +199,9 @@ class ProxyService:
             self._record_failure(operation, body, caller, requested, stream, exc.status_code, exc.code or exc.error_type)
             raise
         if stream:
-            return await self._forward_stream(operation, body, caller, route, requested, azure_style, admission)
+            return await self._forward_stream(
+                operation, body, caller, route, requested, azure_style, admission, on_reply
+            )
         return await self._forward_json(operation, body, raw, caller, route, requested, azure_style, admission)
 
     def _encode(
@@ -309,6 +323,7 @@ class ProxyService:
         requested: str | None,
         azure_style: bool,
         admission: Any,
+        on_reply: OnReply | None = None,
     ) -> StreamResult:
         options = body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -331,7 +346,18 @@ class ProxyService:
             )
             raise
         frames = self._relay(
-            operation, body, caller, requested, route, state, attempts, upstream, wants_usage, azure_style, admission
+            operation,
+            body,
+            caller,
+            requested,
+            route,
+            state,
+            attempts,
+            upstream,
+            wants_usage,
+            azure_style,
+            admission,
+            on_reply,
         )
         headers = dict(admission.headers) if admission is not None else {}
         return StreamResult(frames, headers)
@@ -349,6 +375,7 @@ class ProxyService:
         wants_usage: bool,
         azure_style: bool,
         admission: Any,
+        on_reply: OnReply | None = None,
     ) -> AsyncIterator[bytes]:
         """Pass the upstream's events through as they arrive, keeping the shapes clients rely on."""
         chat = operation == CHAT
@@ -428,6 +455,12 @@ class ProxyService:
                     reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
             ttft = (first_token - caller.started) * 1000 if first_token is not None else None
             caller.log["outcome"] = outcome
+            if on_reply is not None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await on_reply(reply, usage, outcome)
+                    except Exception:
+                        logger.exception("storing the streamed reply failed")
             self._record(
                 operation,
                 body,
@@ -489,8 +522,10 @@ class ProxyService:
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def _messages(self, operation: str, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    def _messages(self, operation: str, body: dict[str, Any], caller: Caller) -> list[dict[str, Any]] | None:
         if not self.record_content or operation != CHAT:
+            return None
+        if not caller.record_messages:
             return None
         messages = body.get("messages")
         return messages if isinstance(messages, list) else None
@@ -540,8 +575,10 @@ class ProxyService:
                 user=user if isinstance(user, str) else None,
                 client_ip=caller.client_ip,
                 conversation_id=caller.conversation_id,
-                request_messages=self._messages(operation, body),
-                response_message=reply if self.record_content and outcome != OUTCOME_ERROR else None,
+                request_messages=self._messages(operation, body, caller),
+                response_message=reply
+                if self.record_content and caller.record_messages and outcome != OUTCOME_ERROR
+                else None,
             )
         )
 

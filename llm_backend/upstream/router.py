@@ -105,3 +105,30 @@ class Router:
         state.last_error = f"{type(exc).__name__}: {exc.message}"[:300]
         if exc.retry_after:
             state.cooldown_until = max(state.cooldown_until, time.monotonic() + exc.retry_after)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Each backend's state, for /admin/backends."""
+        now = time.monotonic()
+        out: list[dict[str, object]] = []
+        for key, s in self.states.items():
+            model, _, _ = key.partition("/")
+            cfg = s.backend.config
+            out.append(
+                {
+                    "model": model,
+                    "backend": s.name,
+                    "provider": cfg.provider,
+                    "deployment": cfg.deployment or cfg.model,
+                    "priority": cfg.priority,
+                    "weight": cfg.weight,
+                    "state": "cooling_down" if s.cooldown_until > now else "closed",
+                    "cooldown_remaining_s": round(max(0.0, s.cooldown_until - now), 3),
+                    "in_flight": s.in_flight,
+                    "latency_ewma_ms": round(s.latency_ewma_ms, 2) if s.latency_ewma_ms is not None else None,
+                    "successes": s.successes,
+                    "failures": s.failures,
+                    "consecutive_failures": s.consecutive_failures,
+                    "last_error": s.last_error,
+                }
+            )
+        return out

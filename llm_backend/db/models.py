@@ -1,0 +1,152 @@
+"""SQLAlchemy 2 models: the request log, conversations and their messages, and api keys."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from llm_backend.db.base import Base, JSONType, UTCDateTime, utcnow
+from llm_backend.db.ids import new_api_key_id, new_uuid7
+
+logger = logging.getLogger(__name__)
+
+# Integer primary keys: BIGINT on PostgreSQL, INTEGER on SQLite (only INTEGER PRIMARY KEY is the rowid).
+BigIntPK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class RequestLog(Base):
+    """One row per request through the gateway, keyed by our own request id."""
+
+    __tablename__ = "request_log"
+
+    request_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    route: Mapped[str] = mapped_column(sa.String(255))
+    operation: Mapped[str] = mapped_column(sa.String(32))
+    status_code: Mapped[int] = mapped_column(sa.Integer)
+    outcome: Mapped[str] = mapped_column(sa.String(32))
+    error_type: Mapped[str | None] = mapped_column(sa.String(255))
+    stream: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    model_requested: Mapped[str | None] = mapped_column(sa.String(255))
+    model: Mapped[str | None] = mapped_column(sa.String(255))
+    provider: Mapped[str | None] = mapped_column(sa.String(32))
+    backend: Mapped[str | None] = mapped_column(sa.String(255))
+    deployment: Mapped[str | None] = mapped_column(sa.String(255))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=1)
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    total_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cached_tokens: Mapped[int | None] = mapped_column(sa.Integer)
+    reasoning_tokens: Mapped[int | None] = mapped_column(sa.Integer)
+    tokens_estimated: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    latency_ms: Mapped[float] = mapped_column(sa.Float, default=0.0)
+    ttft_ms: Mapped[float | None] = mapped_column(sa.Float)
+    key_id: Mapped[str | None] = mapped_column(sa.String(64))
+    user: Mapped[str | None] = mapped_column(sa.String(255))
+    client_ip: Mapped[str | None] = mapped_column(sa.String(64))
+    conversation_id: Mapped[str | None] = mapped_column(sa.String(64))
+
+    __table_args__ = (
+        sa.Index("ix_request_log_created_at", "created_at"),
+        sa.Index("ix_request_log_key_id_created_at", "key_id", "created_at"),
+        sa.Index("ix_request_log_model_created_at", "model", "created_at"),
+        sa.Index("ix_request_log_conversation_id", "conversation_id"),
+    )
+
+
+class Conversation(Base):
+    """A conversation: its metadata, token totals and the hash of its full transcript (for threading)."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True, default=new_uuid7)
+    title: Mapped[str | None] = mapped_column(sa.String(255))
+    owner: Mapped[str | None] = mapped_column(sa.String(64))
+    model: Mapped[str | None] = mapped_column(sa.String(255))
+    system_prompt: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
+    completion_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
+    total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
+    message_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default=sa.text("0"))
+    transcript_hash: Mapped[str | None] = mapped_column(sa.String(64))
+
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="conversation",
+        order_by="Message.position",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    __table_args__ = (
+        sa.Index("ix_conversations_owner_updated_at", "owner", "updated_at"),
+        sa.Index("ix_conversations_updated_at_id", "updated_at", "id"),
+        sa.Index("ix_conversations_transcript_hash", "transcript_hash"),
+        sa.Index("ix_conversations_model", "model"),
+    )
+
+
+class Message(Base):
+    """One message of a conversation, at its position (0-based), with the request that produced it."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(
+        sa.String(64), sa.ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(sa.Integer)
+    role: Mapped[str] = mapped_column(sa.String(32))
+    content: Mapped[Any | None] = mapped_column(JSONType)  # a text string or a list of content parts
+    name: Mapped[str | None] = mapped_column(sa.String(255))
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    tool_call_id: Mapped[str | None] = mapped_column(sa.String(255))
+    request_id: Mapped[str | None] = mapped_column(sa.String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+    __table_args__ = (sa.UniqueConstraint("conversation_id", "position"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message in OpenAI chat shape (only the fields that are set)."""
+        out: dict[str, Any] = {"role": self.role}
+        if self.content is not None:
+            out["content"] = self.content
+        if self.name:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class ApiKey(Base):
+    """An api key: only its sha256 hash is stored, with its limits and restrictions."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True, default=new_api_key_id)
+    name: Mapped[str] = mapped_column(sa.String(255))
+    owner: Mapped[str | None] = mapped_column(sa.String(255))
+    key_prefix: Mapped[str] = mapped_column(sa.String(32))
+    key_hash: Mapped[str] = mapped_column(sa.String(64))
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSONType)  # None: every model
+    rpm: Mapped[int | None] = mapped_column(sa.Integer)
+    tpm: Mapped[int | None] = mapped_column(sa.Integer)
+    max_parallel: Mapped[int | None] = mapped_column(sa.Integer)
+    daily_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    monthly_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    allowed_ips: Mapped[list[str] | None] = mapped_column(JSONType)  # CIDR strings; None: any address
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    enabled: Mapped[bool] = mapped_column(sa.Boolean, default=True, server_default=sa.true())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),)

@@ -1,0 +1,107 @@
+"""Pure functions behind automatic conversation threading: message normalisation and transcript hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TITLE_MAX_CHARS = 60
+_KEPT_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
+
+def _normalize_content(content: Any) -> Any:
+    if isinstance(content, list):
+        parts = [p for p in content if not _is_empty(p)]
+        if parts and all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+            return "\n".join(str(p.get("text") or "") for p in parts)
+        return parts
+    return content
+
+
+def _normalize_tool_call(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    out: dict[str, Any] = {}
+    if call.get("id"):
+        out["id"] = call["id"]
+    out["type"] = call.get("type") or "function"
+    function = call.get("function")
+    if isinstance(function, dict):
+        out["function"] = {"name": function.get("name"), "arguments": function.get("arguments")}
+        out["function"] = {k: v for k, v in out["function"].items() if v is not None}
+    return out
+
+
+def normalize_message(msg: dict[str, Any]) -> dict[str, Any]:
+    """A chat message reduced to what identifies it: role, content, name, tool_calls, tool_call_id.
+
+    None/empty fields are dropped; a content list made only of text parts becomes the joined string;
+    tool calls are reduced to id/type/function{name, arguments}. Idempotent.
+    """
+    out: dict[str, Any] = {}
+    for key in _KEPT_FIELDS:
+        value = msg.get(key)
+        if key == "content":
+            value = _normalize_content(value)
+        elif key == "tool_calls" and isinstance(value, list):
+            value = [_normalize_tool_call(c) for c in value]
+        if not _is_empty(value):
+            out[key] = value
+    return out
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON: sorted keys, compact separators, UTF-8 kept as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def transcript_hash(messages: Sequence[dict[str, Any]]) -> str:
+    """sha256 (hex) of the canonical JSON of the normalised messages."""
+    normalized = [normalize_message(m) for m in messages]
+    return hashlib.sha256(canonical_json(normalized).encode("utf-8")).hexdigest()
+
+
+def content_text(content: Any) -> str:
+    """The text of a message content: the string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(p.get("text") or "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
+def title_from_messages(messages: Sequence[dict[str, Any]], max_chars: int = TITLE_MAX_CHARS) -> str | None:
+    """The first user message's text, whitespace collapsed, cut to `max_chars`; None without one."""
+    for msg in messages:
+        if msg.get("role") == "user":
+            text = " ".join(content_text(msg.get("content")).split())
+            if text:
+                return text[:max_chars]
+    return None
+
+
+def continuation_prefix_lengths(messages: Sequence[dict[str, Any]]) -> list[int]:
+    """Lengths of the prefixes of `messages` that may be a recorded transcript, longest first.
+
+    The rule: the messages before the final user turn. Tool-call rounds (… assistant(tool_calls), tool)
+    have no new user turn, so the prefix that ends with the last assistant message is a candidate too.
+    Empty prefixes are never candidates.
+    """
+    lengths: set[int] = set()
+    roles = [m.get("role") for m in messages]
+    if "user" in roles:
+        lengths.add(len(roles) - 1 - roles[::-1].index("user"))
+    if "assistant" in roles:
+        lengths.add(len(roles) - roles[::-1].index("assistant"))
+    return sorted((n for n in lengths if 0 < n < len(messages)), reverse=True)

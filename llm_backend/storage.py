@@ -1,0 +1,69 @@
+"""Per-worker storage wiring: the database engine, the schema readiness check and the recorder."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from llm_backend.config import Settings
+
+logger = logging.getLogger(__name__)
+
+class SchemaCheck:
+    """Readiness of the database schema, cached for a few seconds (one query per probe at most)."""
+
+    def __init__(self, engine: Any, ttl: float = 5.0) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self._at = 0.0
+        self._value: tuple[bool, str] = (False, "not checked yet")
+
+    async def __call__(self) -> tuple[str, bool, str]:
+        now = time.monotonic()
+        if now - self._at > self.ttl or not self._value[0]:
+            from llm_backend.db.migrate import schema_status
+
+            self._value = await asyncio.to_thread(schema_status, self.engine)
+            self._at = now
+        return "database", self._value[0], self._value[1]
+
+
+async def setup_storage(settings: Settings, resources: Any, stack: contextlib.AsyncExitStack) -> None:
+    from llm_backend.db.session import make_engine
+
+    engine = make_engine(settings.database_url)
+    stack.callback(engine.dispose)
+    resources.engine = engine
+    check = SchemaCheck(engine)
+    resources.extra_checks.append(check)
+    _, ok, message = await check()
+    if not ok:
+        logger.error("database not ready: %s", message)
+    if not settings.recording:
+        logger.warning("LLM_BACKEND_RECORDING=false: requests are not recorded")
+        return
+    from llm_backend.recording.recorder import Recorder
+
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # the recorder gives each worker its own file beside this one and replays those of workers that died
+    spill = data_dir / "recorder-spill.jsonl"
+    recorder = Recorder(engine, spill_path=spill, record_content=settings.record_content)
+    await recorder.start()
+    stack.push_async_callback(recorder.stop)
+    resources.recorder = recorder
+    resources.metrics.gauge(
+        "llm_backend_recorder_pending", "Records queued in memory, not yet written.", lambda: recorder.pending
+    )
+    resources.metrics.gauge(
+        "llm_backend_recorder_spilled",
+        "Records in the spill file waiting for the database.",
+        lambda: recorder.stats()["spilled"],
+    )
+    resources.metrics.gauge(
+        "llm_backend_recorder_written", "Records written this run.", lambda: recorder.stats()["written"]
+    )
