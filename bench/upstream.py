@@ -1,0 +1,257 @@
+"""Fake OpenAI/Azure upstream: a raw asyncio (uvloop + httptools) HTTP/1.1 keep-alive server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar, cast
+
+import httptools
+import orjson
+
+T = TypeVar("T")
+
+MODEL = "gpt-4o-mini-2024-07-18"
+CONTENT = "Hello! This is a fixed answer from the benchmark upstream. How can I help you today?"
+USAGE = {
+    "prompt_tokens": 9,
+    "completion_tokens": 20,
+    "total_tokens": 29,
+    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
+
+
+def completion_body() -> bytes:
+    """The fixed non-streaming chat.completion answer."""
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench0000000000000000000000001",
+            "object": "chat.completion",
+            "created": 1732240000,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": CONTENT, "refusal": None, "annotations": []},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": USAGE,
+            "service_tier": "default",
+            "system_fingerprint": "fp_bench0001",
+        }
+    )
+
+
+def response_bytes(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
+    """A complete keep-alive HTTP/1.1 response with Content-Length."""
+    return (
+        b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: " + content_type
+        + b"\r\ncontent-length: " + str(len(body)).encode()
+        + b"\r\nx-request-id: bench\r\nconnection: keep-alive\r\n\r\n" + body
+    )  # fmt: skip
+
+
+def sse_events(chunks: int, include_usage: bool) -> list[bytes]:
+    """The SSE events of one stream (OpenAI framing), the last being ``data: [DONE]``."""
+    base = {
+        "id": "chatcmpl-bench0000000000000000000000002",
+        "object": "chat.completion.chunk",
+        "created": 1732240000,
+        "model": MODEL,
+        "service_tier": "default",
+        "system_fingerprint": "fp_bench0001",
+    }
+    words = CONTENT.split(" ")
+    events: list[bytes] = []
+    for i in range(chunks):
+        last = i == chunks - 1
+        delta: dict[str, object] = {}
+        if i == 0:
+            delta["role"] = "assistant"
+        if not last:
+            delta["content"] = ("" if i == 0 else " ") + words[i % len(words)]
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": "stop" if last else None}
+        chunk: dict[str, object] = {**base, "choices": [choice]}
+        if include_usage:
+            chunk["usage"] = None
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    if include_usage:
+        events.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": USAGE}) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def chunked(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk of transfer-encoding: chunked."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+COMPLETION = response_bytes("200 OK", completion_body())
+NOT_FOUND = response_bytes(
+    "404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}'
+)
+BAD_REQUEST = response_bytes(
+    "400 Bad Request", b'{"error":{"message":"bad json","type":"invalid_request_error"}}'
+)
+MODELS = response_bytes(
+    "200 OK", orjson.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+)
+OK = response_bytes("200 OK", b'{"status":"ok"}')
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
+    b"x-request-id: bench\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One client connection; requests are answered in order (streams block later requests)."""
+
+    chunks = 20
+    interval = 0.005
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.body: list[bytes] = []
+        self.pending: list[tuple[bytes, bytes, bytes]] = []
+        self.streaming = False
+        self.method = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.transport is not None:
+                self.transport.write(BAD_REQUEST)
+                self.transport.close()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.pending.append((self.parser.get_method(), self.url, b"".join(self.body)))
+        if not self.streaming:
+            self.drain()
+
+    def drain(self) -> None:
+        """Answer queued requests until one starts a stream."""
+        while self.pending and not self.streaming and self.transport is not None:
+            method, url, body = self.pending.pop(0)
+            path = url.split(b"?", 1)[0]
+            if method == b"POST" and path.endswith(b"/chat/completions"):
+                if b'"stream"' in body:
+                    try:
+                        request = orjson.loads(body)
+                    except orjson.JSONDecodeError:
+                        self.transport.write(BAD_REQUEST)
+                        continue
+                    if request.get("stream"):
+                        include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+                        self.streaming = True
+                        asyncio.get_running_loop().create_task(self.stream(include_usage))
+                        return
+                self.transport.write(COMPLETION)
+            elif path.endswith(b"/models"):
+                self.transport.write(MODELS)
+            elif path in (b"/", b"/health", b"/healthz", b"/readyz"):
+                self.transport.write(OK)
+            else:
+                self.transport.write(NOT_FOUND)
+
+    async def stream(self, include_usage: bool) -> None:
+        events = sse_events(self.chunks, include_usage)
+        try:
+            for i, event in enumerate(events):
+                if self.transport is None:
+                    return
+                if i == 0:
+                    self.transport.write(STREAM_HEAD + chunked(event))
+                elif i < self.chunks:
+                    await asyncio.sleep(self.interval)
+                    if self.transport is None:
+                        return
+                    self.transport.write(chunked(event))
+                else:  # usage chunk and [DONE] follow the last content chunk without delay
+                    self.transport.write(chunked(event))
+            if self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+        finally:
+            self.streaming = False
+        self.drain()
+
+
+async def serve(host: str, port: int, ready_fd: int | None) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(UpstreamProtocol, host, port, backlog=4096, reuse_address=True)
+    bound = server.sockets[0].getsockname()[1]
+    if ready_fd is not None:
+        os.write(ready_fd, f"{bound}\n".encode())
+        os.close(ready_fd)
+    else:
+        print(f"fake upstream listening on http://{host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
+    parser.add_argument("--interval-ms", type=float, default=5.0, help="delay between stream chunks")
+    parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
+    parser.add_argument("--ready-fd", type=int, default=None, help="write the bound port to this fd")
+    args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    UpstreamProtocol.chunks = max(1, args.chunks)
+    UpstreamProtocol.interval = args.interval_ms / 1000
+    run(serve(args.host, args.port, args.ready_fd))
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        print("uvloop missing: using the default event loop", file=sys.stderr)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    main()
