@@ -16,9 +16,11 @@ install: $(BIN)/python
 	$(BIN)/pip install -r requirements-dev.txt
 	$(BIN)/pip install --no-deps -e .
 
-# The demo: the built-in mock model, a local SQLite database, no Azure account needed.
+# The demo: the built-in mock model, a local SQLite database, no Azure account needed. Key checking is off
+# unless LLM_BACKEND_AUTH=keys is set; the server listens on 127.0.0.1 only unless HOST says otherwise.
 run: migrate
-	LLM_BACKEND_CONFIG=$${LLM_BACKEND_CONFIG:-config/demo.yaml} $(BIN)/gunicorn -c gunicorn.conf.py llm_backend.asgi:app
+	LLM_BACKEND_CONFIG=$${LLM_BACKEND_CONFIG:-config/demo.yaml} LLM_BACKEND_AUTH=$${LLM_BACKEND_AUTH:-none} \
+		$(BIN)/gunicorn -c gunicorn.conf.py llm_backend.asgi:app
 
 serve:
 	$(BIN)/gunicorn -c gunicorn.conf.py llm_backend.asgi:app
@@ -40,6 +42,29 @@ format:
 
 bench:
 	$(BIN)/python -m bench
+
+# --- deployment (Dockerfile, k8s/, Tiltfile; see deploy/) ---
+IMAGE ?= llm-backend:dev
+KUBECTL ?= $(shell if [ -x $(BIN)/kubectl ]; then echo $(BIN)/kubectl; else command -v kubectl; fi)
+OVERLAYS ?= dev prod
+
+# Builds the image with docker where an engine answers; otherwise says so and runs the static checks only.
+image:
+	VENV=$(VENV) bash deploy/image.sh $(IMAGE)
+
+# Renders each overlay to k8s/rendered/<overlay>.yaml (kubectl from `bash deploy/install-tools.sh`).
+k8s:
+	@test -n "$(KUBECTL)" || { echo "no kubectl: run bash deploy/install-tools.sh"; exit 1; }
+	@mkdir -p k8s/rendered
+	@for overlay in $(OVERLAYS); do \
+		$(KUBECTL) kustomize k8s/overlays/$$overlay > k8s/rendered/$$overlay.yaml || exit 1; \
+		echo "k8s/rendered/$$overlay.yaml"; \
+	done
+
+# Installs the check tools (idempotent) and runs the deployment checks.
+check-deploy:
+	VENV=$(VENV) bash deploy/install-tools.sh
+	$(BIN)/pytest -q tests/deploy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -82,7 +82,9 @@ def handle_problem(request: ConnexionRequest, exc: Exception) -> ConnexionRespon
     """Connexion's and Starlette's own errors (routing, security, media type) in OpenAI's shape."""
     status = int(getattr(exc, "status_code", None) or getattr(exc, "status", None) or 500)
     detail = str(getattr(exc, "detail", None) or getattr(exc, "title", None) or "")
-    error_type, code = _PROBLEM_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    error_type, code = _PROBLEM_TYPES.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None)
+    )
     method = request.scope.get("method", "")
     path = request.scope.get("path", "")
     if status == 401:

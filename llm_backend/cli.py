@@ -84,7 +84,9 @@ def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None
     if not rows:
         print("(none)")
         return
-    widths = {c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows)) for c in columns}
+    widths = {
+        c: max(len(c), *(len(str(r.get(c) if r.get(c) is not None else "-")) for r in rows)) for c in columns
+    }
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(str(r.get(c) if r.get(c) is not None else "-").ljust(widths[c]) for c in columns))
@@ -121,7 +123,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.keys_command == "list":
             _print_table(
                 store.list(args.owner),
-                ["id", "name", "owner", "prefix", "enabled", "models", "rpm", "tpm", "daily_tokens", "expires_at"],
+                [
+                    "id",
+                    "name",
+                    "owner",
+                    "prefix",
+                    "enabled",
+                    "models",
+                    "rpm",
+                    "tpm",
+                    "daily_tokens",
+                    "expires_at",
+                ],
             )
         elif args.keys_command == "disable":
             info = store.update(args.key_id, {"enabled": False})
@@ -183,7 +196,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-backend", description="OpenAI-compatible gateway for Azure OpenAI")
+    parser = argparse.ArgumentParser(
+        prog="llm-backend", description="OpenAI-compatible gateway for Azure OpenAI"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve with gunicorn and uvicorn workers (gunicorn.conf.py)")

@@ -46,6 +46,7 @@ ENV_VARS = (
     "DEFAULT_MAX_TOKENS",
     "UPSTREAM_HTTP_CLIENT",
     "UPSTREAM_TIMEOUT",
+    "MOCK_DELAY_MS",
     "AZURE_CLIENT_ID",
     "AZURE_TENANT_ID",
     "AZURE_FEDERATED_TOKEN_FILE",
@@ -105,6 +106,17 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """When a backend's circuit opens: N consecutive failures, or a failure rate over a window."""
+
+    failure_threshold: int = 5
+    cooldown: float = 30.0  # seconds open before one probe is let through
+    failure_rate: float | None = 0.5  # None: consecutive failures only
+    window: float = 60.0  # seconds of outcomes the rate is computed over
+    min_requests: int = 10  # outcomes needed in the window before the rate counts
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model name clients send, its aliases and the backends that serve it."""
 
@@ -115,6 +127,7 @@ class ModelConfig:
     retries: int = 1  # how many other backends to try after the first
     fail_over_on: tuple[str, ...] = FAILOVER_CONDITIONS
     owned_by: str = "llm-backend"
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     wildcard: bool = False  # forwards any model name (OPENAI_BASE_URL without OPENAI_MODELS)
 
 
@@ -182,7 +195,9 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ConfigError(f"environment: {name}={raw!r} is not an integer; set it to a whole number") from None
+        raise ConfigError(
+            f"environment: {name}={raw!r} is not an integer; set it to a whole number"
+        ) from None
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -263,7 +278,9 @@ def models_from_env(env: Mapping[str, str]) -> tuple[ModelConfig, ...]:
         names = _split(env.get("OPENAI_MODELS", ""))
         if names:
             for name in names:
-                backend = BackendConfig(provider="openai", name=f"openai:{name}", base_url=url, api_key=openai_key)
+                backend = BackendConfig(
+                    provider="openai", name=f"openai:{name}", base_url=url, api_key=openai_key
+                )
                 models.append(ModelConfig(name=name, backends=(backend,)))
         else:
             backend = BackendConfig(provider="openai", name="openai", base_url=url, api_key=openai_key)
@@ -326,7 +343,17 @@ def load_models_file(path: Path, env: Mapping[str, str]) -> tuple[ModelConfig, .
     return tuple(models)
 
 
-_MODEL_KEYS = {"name", "aliases", "backends", "strategy", "retries", "fail_over_on", "owned_by"}
+_MODEL_KEYS = {
+    "name",
+    "aliases",
+    "backends",
+    "strategy",
+    "retries",
+    "fail_over_on",
+    "owned_by",
+    "circuit_breaker",
+}
+_BREAKER_KEYS = {"failure_threshold", "cooldown", "failure_rate", "window", "min_requests"}
 _BACKEND_KEYS = {
     "provider",
     "name",
@@ -366,7 +393,9 @@ def _parse_model(raw: Any, index: int, env: Mapping[str, str], source: str) -> M
         raise ConfigError(f"{source}: {where}.aliases: expected a list of model names")
     strategy = raw.get("strategy", "priority")
     if strategy not in STRATEGIES:
-        raise ConfigError(f"{source}: {where}.strategy: {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
+        raise ConfigError(
+            f"{source}: {where}.strategy: {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}"
+        )
     retries = raw.get("retries", 1)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ConfigError(f"{source}: {where}.retries: expected a whole number >= 0")
@@ -384,14 +413,41 @@ def _parse_model(raw: Any, index: int, env: Mapping[str, str], source: str) -> M
     names = [b.name for b in backends]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: {where}: backend names must be unique within a model")
+    breaker = _parse_breaker(raw.get("circuit_breaker"), f"{where}.circuit_breaker", source)
     return ModelConfig(
         name=name,
+        breaker=breaker,
         aliases=tuple(aliases),
         backends=backends,
         strategy=strategy,
         retries=retries,
         fail_over_on=tuple(str(c) for c in fail_over_on),
         owned_by=str(raw.get("owned_by", "llm-backend")),
+    )
+
+
+def _parse_breaker(raw: Any, where: str, source: str) -> BreakerConfig:
+    if raw is None:
+        return BreakerConfig()
+    if not isinstance(raw, dict) or set(raw) - _BREAKER_KEYS:
+        raise ConfigError(f"{source}: {where}: expected a mapping of {', '.join(sorted(_BREAKER_KEYS))}")
+    d = BreakerConfig()
+    threshold = raw.get("failure_threshold", d.failure_threshold)
+    min_requests = raw.get("min_requests", d.min_requests)
+    for key, value in (("failure_threshold", threshold), ("min_requests", min_requests)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{source}: {where}.{key}: expected a whole number >= 1")
+    rate = raw.get("failure_rate", d.failure_rate)
+    if rate is not None:
+        rate = _number(rate, f"{where}.failure_rate", source)
+        if not 0 < rate <= 1:
+            raise ConfigError(f"{source}: {where}.failure_rate: expected a fraction in (0, 1], or null")
+    return BreakerConfig(
+        failure_threshold=threshold,
+        cooldown=_number(raw.get("cooldown", d.cooldown), f"{where}.cooldown", source),
+        failure_rate=rate,
+        window=_number(raw.get("window", d.window), f"{where}.window", source, minimum=0.001),
+        min_requests=min_requests,
     )
 
 
@@ -466,7 +522,9 @@ def _parse_backend(
         if base_url is None:
             base_url = "https://api.openai.com/v1"
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{source}: {where}.base_url: expected an http(s) URL such as https://api.openai.com/v1")
+            raise ConfigError(
+                f"{source}: {where}.base_url: expected an http(s) URL such as https://api.openai.com/v1"
+            )
         if auth == "entra_id":
             raise ConfigError(f"{source}: {where}.auth: entra_id is only for azure backends")
         default_name = f"{model}@{_host(base_url)}"

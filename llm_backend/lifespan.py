@@ -20,15 +20,14 @@ from llm_backend.upstream.sdk import SdkBackend
 logger = logging.getLogger(__name__)
 
 
-def make_backend(config: BackendConfig, settings: Settings) -> Backend:
+def make_backend(config: BackendConfig, settings: Settings, token_provider: Any = None) -> Backend:
     if config.provider == "mock":
         return MockBackend(config)
-    token_provider = None
-    if config.auth == "entra_id":
-        from llm_backend.upstream.identity import entra_token_provider
-
-        token_provider = entra_token_provider()
-    return SdkBackend(config, http_client_kind=settings.upstream_http_client, azure_ad_token_provider=token_provider)
+    if config.auth != "entra_id":
+        token_provider = None
+    return SdkBackend(
+        config, http_client_kind=settings.upstream_http_client, azure_ad_token_provider=token_provider
+    )
 
 
 @dataclass
@@ -65,7 +64,9 @@ class Resources:
     def on_request_done(self, caller: Caller, status: int, state: dict[str, Any]) -> None:
         """Count every request; record the OpenAI-style ones that ended before reaching the proxy service."""
         self.metrics.observe_request(
-            caller.route if caller.route.startswith(("/v1/", "/api/", "/admin/")) else _route_group(caller.route),
+            caller.route
+            if caller.route.startswith(("/v1/", "/api/", "/admin/"))
+            else _route_group(caller.route),
             status,
             caller.log.get("model"),
             time.perf_counter() - caller.started,
@@ -78,17 +79,30 @@ class Resources:
         body = state.get(BODY_STATE_KEY, (None, None))[0]
         operation = _operation_of(caller.route)
         error = caller.log.get("error") if status >= 400 else None
-        self.proxy.record_rejection(caller, operation, status, error, body if isinstance(body, dict) else None)
+        self.proxy.record_rejection(
+            caller, operation, status, error, body if isinstance(body, dict) else None
+        )
 
 
 def _route_group(path: str) -> str:
     if path.startswith("/openai/deployments/"):
-        return "/openai/deployments/{deployment}/" + path.rsplit("/", 2)[-2 if path.endswith("/chat/completions") else -1]
-    return path if path in ("/healthz", "/readyz", "/metrics", "/openai/models", "/openai/deployments") else "other"
+        return (
+            "/openai/deployments/{deployment}/"
+            + path.rsplit("/", 2)[-2 if path.endswith("/chat/completions") else -1]
+        )
+    return (
+        path
+        if path in ("/healthz", "/readyz", "/metrics", "/openai/models", "/openai/deployments")
+        else "other"
+    )
 
 
 def _operation_of(path: str) -> str:
-    for suffix, name in (("/chat/completions", "chat"), ("/completions", "completions"), ("/embeddings", "embeddings")):
+    for suffix, name in (
+        ("/chat/completions", "chat"),
+        ("/completions", "completions"),
+        ("/embeddings", "embeddings"),
+    ):
         if path.endswith(suffix):
             return name
     return "models" if "models" in path or "deployments" in path else "other"
@@ -96,9 +110,15 @@ def _operation_of(path: str) -> str:
 
 async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) -> Resources:
     backends: dict[str, Backend] = {}
+    token_provider = None
+    if any(bc.auth == "entra_id" for m in settings.models for bc in m.backends):
+        from llm_backend.upstream.identity import TokenProvider, make_credential
+
+        token_provider = TokenProvider(make_credential())
+        stack.push_async_callback(token_provider.close)
     for model in settings.models:
         for bc in model.backends:
-            backend = make_backend(bc, settings)
+            backend = make_backend(bc, settings, token_provider)
             backends[f"{model.name}/{bc.name}"] = backend
             stack.push_async_callback(backend.close)
     router = Router(settings.models, backends)
@@ -116,7 +136,9 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
     return resources
 
 
-def lifespan_for(settings: Settings) -> Callable[[Any], contextlib.AbstractAsyncContextManager[dict[str, Any]]]:
+def lifespan_for(
+    settings: Settings,
+) -> Callable[[Any], contextlib.AbstractAsyncContextManager[dict[str, Any]]]:
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         async with contextlib.AsyncExitStack() as stack:

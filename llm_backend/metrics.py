@@ -20,7 +20,9 @@ class Metrics:
         self.latency_count: dict[str, int] = defaultdict(int)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
-    def observe_request(self, route: str, status: int, model: str | None, seconds: float, tokens: int) -> None:
+    def observe_request(
+        self, route: str, status: int, model: str | None, seconds: float, tokens: int
+    ) -> None:
         self.requests[(route, str(status), model or "")] += 1
         if tokens:
             self.tokens[(route, model or "")] += tokens

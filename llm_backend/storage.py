@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from llm_backend.config import Settings
 
 logger = logging.getLogger(__name__)
+
 
 class SchemaCheck:
     """Readiness of the database schema, cached for a few seconds (one query per probe at most)."""

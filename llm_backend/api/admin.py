@@ -16,7 +16,8 @@ def _require_admin() -> Any:
     res = resources()
     if not res.settings.admin_key:
         raise PermissionDenied(
-            "The admin API is disabled: set LLM_BACKEND_ADMIN_KEY on the server to use it.", code="admin_disabled"
+            "The admin API is disabled: set LLM_BACKEND_ADMIN_KEY on the server to use it.",
+            code="admin_disabled",
         )
     if not caller().is_admin:
         raise AuthenticationFailed("This route needs the admin key.", code="invalid_api_key")
@@ -105,7 +106,8 @@ async def list_backends() -> Response:
     res = resources()
     if not res.settings.admin_key:
         raise PermissionDenied(
-            "The admin API is disabled: set LLM_BACKEND_ADMIN_KEY on the server to use it.", code="admin_disabled"
+            "The admin API is disabled: set LLM_BACKEND_ADMIN_KEY on the server to use it.",
+            code="admin_disabled",
         )
     if not caller().is_admin:
         raise AuthenticationFailed("This route needs the admin key.", code="invalid_api_key")

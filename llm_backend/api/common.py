@@ -62,5 +62,6 @@ def to_response(result: JsonResult | StreamResult) -> Response:
         return EventStreamResponse(
             result.frames, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers}
         )
-    return Response(result.content, status_code=result.status_code, headers=result.headers, media_type="application/json")
-
+    return Response(
+        result.content, status_code=result.status_code, headers=result.headers, media_type="application/json"
+    )

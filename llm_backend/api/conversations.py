@@ -42,7 +42,7 @@ async def list_conversations(
         "limit": limit,
         "cursor": cursor,
     }
-    return json_response(await _service().list(caller(), params))
+    return json_response(await _service().list_conversations(caller(), params))
 
 
 async def create_conversation() -> Response:
@@ -72,7 +72,7 @@ async def generate_title(conversation_id: str) -> Response:
     return json_response(await _service().make_title(caller(), conversation_id, body(), resources().admit))
 
 
-async def export_conversation(conversation_id: str, format: str = "json") -> Response:  # noqa: A002
+async def export_conversation(conversation_id: str, format: str = "json") -> Response:
     media_type, content = await _service().export(caller(), conversation_id, format)
     ext = "md" if format == "markdown" else "json"
     headers = {"Content-Disposition": f'attachment; filename="conversation-{conversation_id}.{ext}"'}

@@ -17,5 +17,7 @@ async def bearer_info(token: str, request: ConnexionRequest) -> dict[str, Any] |
     return await _principal(token, request)
 
 
-async def api_key_info(api_key: str, request: ConnexionRequest, required_scopes: Any = None) -> dict[str, Any] | None:
+async def api_key_info(
+    api_key: str, request: ConnexionRequest, required_scopes: Any = None
+) -> dict[str, Any] | None:
     return await _principal(api_key, request)

@@ -57,9 +57,7 @@ def _pick(error: ValidationError) -> ValidationError:
         instance = error.instance
         if isinstance(instance, dict) and "role" in instance:
             matching = [
-                e
-                for e in error.context
-                if not (e.validator == "enum" and list(e.relative_path) == ["role"])
+                e for e in error.context if not (e.validator == "enum" and list(e.relative_path) == ["role"])
             ]
             by_branch: dict[int, list[ValidationError]] = {}
             for e in error.context:
@@ -90,7 +88,9 @@ def to_invalid_request(error: ValidationError) -> InvalidRequest:
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         full = param_of([*path, missing])
-        return InvalidRequest(f"Missing required parameter: '{full}'.", param=full, code="missing_required_parameter")
+        return InvalidRequest(
+            f"Missing required parameter: '{full}'.", param=full, code="missing_required_parameter"
+        )
     if error.validator in ("oneOf", "anyOf") and isinstance(instance, dict) and "role" in instance:
         roles = "'system', 'developer', 'user', 'assistant', 'tool' and 'function'"
         return InvalidRequest(
@@ -98,10 +98,14 @@ def to_invalid_request(error: ValidationError) -> InvalidRequest:
             param=param_of([*path, "role"]),
             code="invalid_value",
         )
-    if error.validator == "type" or (error.validator in ("oneOf", "anyOf") and not isinstance(instance, dict)):
+    if error.validator == "type" or (
+        error.validator in ("oneOf", "anyOf") and not isinstance(instance, dict)
+    ):
         expected = error.validator_value if error.validator == "type" else None
         if expected is None:
-            types = sorted({str(s.get("type")) for s in error.validator_value if isinstance(s, dict) and s.get("type")})
+            types = sorted(
+                {str(s.get("type")) for s in error.validator_value if isinstance(s, dict) and s.get("type")}
+            )
             wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in types) or "another type"
         else:
             wanted = _TYPE_NAMES.get(str(expected), str(expected))
@@ -114,7 +118,9 @@ def to_invalid_request(error: ValidationError) -> InvalidRequest:
     if error.validator == "enum":
         allowed = ", ".join(f"'{v}'" for v in error.validator_value)
         return InvalidRequest(
-            f"Invalid value: '{instance}'. Supported values are: {allowed}.", param=param, code="invalid_value"
+            f"Invalid value: '{instance}'. Supported values are: {allowed}.",
+            param=param,
+            code="invalid_value",
         )
     if error.validator in ("minimum", "maximum", "minItems", "maxItems", "minLength"):
         return InvalidRequest(f"Invalid '{param}': {error.message}.", param=param, code="invalid_value")
@@ -131,7 +137,10 @@ class OpenAIJSONBodyValidator(JSONRequestBodyValidator):
         key = id(self._schema)
         hit = self._cache.get(key)
         if hit is None or hit[0] is not self._schema:
-            hit = (self._schema, Draft4RequestValidator(self._schema, format_checker=Draft4Validator.FORMAT_CHECKER))
+            hit = (
+                self._schema,
+                Draft4RequestValidator(self._schema, format_checker=Draft4Validator.FORMAT_CHECKER),
+            )
             self._cache[key] = hit
         return hit[1]
 

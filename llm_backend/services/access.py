@@ -12,9 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_backend.config import Settings
-from llm_backend.errors import AuthenticationFailed, PermissionDenied, RateLimited, ServiceUnavailable
-from llm_backend.limits import KeyLimits, LimitExceeded, Limiter, LimiterUnavailable, estimate_tokens, make_limiter
 from llm_backend.db.repositories import hash_api_key
+from llm_backend.errors import AuthenticationFailed, PermissionDenied, RateLimited, ServiceUnavailable
+from llm_backend.limits import (
+    KeyLimits,
+    Limiter,
+    LimiterUnavailable,
+    LimitExceeded,
+    estimate_tokens,
+    make_limiter,
+)
 from llm_backend.services.keys import KEY_PREFIX, KeyInfo, KeyStore
 from llm_backend.services.proxy import Caller
 from llm_backend.upstream.router import ModelRoute
@@ -29,7 +36,8 @@ TOUCH_EVERY = 60.0
 
 def _no_limits(limits: KeyLimits) -> bool:
     return all(
-        v is None for v in (limits.rpm, limits.tpm, limits.max_parallel, limits.daily_tokens, limits.monthly_tokens)
+        v is None
+        for v in (limits.rpm, limits.tpm, limits.max_parallel, limits.daily_tokens, limits.monthly_tokens)
     )
 
 
@@ -96,7 +104,8 @@ class Authenticator:
             raise AuthenticationFailed(f"The API key {info.key_prefix}… has expired.", code="invalid_api_key")
         if not info.ip_allowed(caller.client_ip):
             raise PermissionDenied(
-                f"The API key {info.key_prefix}… may not be used from {caller.client_ip}.", code="ip_not_allowed"
+                f"The API key {info.key_prefix}… may not be used from {caller.client_ip}.",
+                code="ip_not_allowed",
             )
         caller.key_id = info.id
         caller.key_name = info.name
@@ -139,8 +148,10 @@ class Gate:
         except LimitExceeded as exc:
             retry = max(1, math.ceil(exc.retry_after))
             raise RateLimited(
-                exc.message, code=exc.code, error_type="insufficient_quota" if exc.code == "insufficient_quota"
-                else "rate_limit_error", headers={**exc.state.headers(), "Retry-After": str(retry)}
+                exc.message,
+                code=exc.code,
+                error_type="insufficient_quota" if exc.code == "insufficient_quota" else "rate_limit_error",
+                headers={**exc.state.headers(), "Retry-After": str(retry)},
             ) from None
         except LimiterUnavailable:
             raise ServiceUnavailable(
@@ -181,5 +192,7 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
     errors = getattr(limiter, "errors_total", None)
     if errors is not None:
         resources.metrics.gauge(
-            "llm_backend_limiter_errors_total", "Rate-limiter store errors.", lambda: limiter.errors_total  # type: ignore[attr-defined]
+            "llm_backend_limiter_errors_total",
+            "Rate-limiter store errors.",
+            lambda: limiter.errors_total,  # type: ignore[attr-defined]
         )

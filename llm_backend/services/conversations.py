@@ -162,7 +162,7 @@ class ConversationService:
         result: dict[str, Any] = await self._run(work)
         return result
 
-    async def list(self, caller: Caller, params: Mapping[str, Any]) -> dict[str, Any]:
+    async def list_conversations(self, caller: Caller, params: Mapping[str, Any]) -> dict[str, Any]:
         owner = self.owner_filter(caller)
         if owner is None and params.get("owner"):
             owner = params["owner"]
@@ -205,9 +205,13 @@ class ConversationService:
     async def rename(self, caller: Caller, conversation_id: str, title: str) -> dict[str, Any]:
         def work() -> dict[str, Any]:
             with session_scope(self.engine) as session:
-                conv = ConversationRepository(session).rename(conversation_id, title, owner=self.owner_filter(caller))
+                conv = ConversationRepository(session).rename(
+                    conversation_id, title, owner=self.owner_filter(caller)
+                )
                 if conv is None:
-                    raise NotFound(f"No conversation found with id '{conversation_id}'.", param="conversation_id")
+                    raise NotFound(
+                        f"No conversation found with id '{conversation_id}'.", param="conversation_id"
+                    )
                 return conversation_json(conv)
 
         result: dict[str, Any] = await self._run(work)
@@ -216,8 +220,12 @@ class ConversationService:
     async def delete(self, caller: Caller, conversation_id: str) -> dict[str, Any]:
         def work() -> None:
             with session_scope(self.engine) as session:
-                if not ConversationRepository(session).delete(conversation_id, owner=self.owner_filter(caller)):
-                    raise NotFound(f"No conversation found with id '{conversation_id}'.", param="conversation_id")
+                if not ConversationRepository(session).delete(
+                    conversation_id, owner=self.owner_filter(caller)
+                ):
+                    raise NotFound(
+                        f"No conversation found with id '{conversation_id}'.", param="conversation_id"
+                    )
 
         await self._run(work)
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
@@ -235,7 +243,11 @@ class ConversationService:
         if conv.get("system_prompt"):
             history.append({"role": "system", "content": conv["system_prompt"]})
         for m in conv["messages"]:
-            msg = {k: m[k] for k in ("role", "content", "name", "tool_calls", "tool_call_id") if m.get(k) is not None}
+            msg = {
+                k: m[k]
+                for k in ("role", "content", "name", "tool_calls", "tool_call_id")
+                if m.get(k) is not None
+            }
             history.append(msg)
         return history
 
@@ -275,7 +287,8 @@ class ConversationService:
         model = data.get("model") or conv.get("model")
         if not model:
             raise InvalidRequest(
-                "This conversation has no model: pass 'model' in the request (or set it at creation).", param="model"
+                "This conversation has no model: pass 'model' in the request (or set it at creation).",
+                param="model",
             )
         new_message: dict[str, Any] = {"role": role, "content": content}
         if role == "tool":
@@ -291,7 +304,9 @@ class ConversationService:
         async def on_reply(reply: dict[str, Any] | None, usage: Usage, outcome: str) -> None:
             if reply is None or (not reply.get("content") and not reply.get("tool_calls")):
                 return
-            await self._run(self._store_turn, conversation_id, [new_message, reply], usage, caller.request_id, title)
+            await self._run(
+                self._store_turn, conversation_id, [new_message, reply], usage, caller.request_id, title
+            )
 
         result = await self.proxy.forward(
             CHAT, body, caller, admit=admit, record_messages=False, on_reply=on_reply if stream else None
@@ -308,7 +323,9 @@ class ConversationService:
             int(usage_raw.get("total_tokens") or 0),
         )
         clean_reply = {k: reply[k] for k in ("role", "content", "tool_calls") if reply.get(k) is not None}
-        await self._run(self._store_turn, conversation_id, [new_message, clean_reply], usage, caller.request_id, title)
+        await self._run(
+            self._store_turn, conversation_id, [new_message, clean_reply], usage, caller.request_id, title
+        )
         return result, {
             "conversation_id": conversation_id,
             "object": "conversation.turn",
@@ -333,7 +350,10 @@ class ConversationService:
             raise InvalidRequest("The conversation has no messages to title yet.", param="conversation_id")
         body = {
             "model": model,
-            "messages": [{"role": "system", "content": TITLE_PROMPT}, {"role": "user", "content": transcript}],
+            "messages": [
+                {"role": "system", "content": TITLE_PROMPT},
+                {"role": "user", "content": transcript},
+            ],
             "max_tokens": 16,
             "temperature": 0.2,
         }

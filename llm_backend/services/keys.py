@@ -120,8 +120,8 @@ def clean_fields(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
     """Validate admin input into repository fields; raise InvalidRequest naming the bad field."""
     unknown = set(data) - _EDITABLE
     if unknown:
-        name = sorted(unknown)[0]
-        raise InvalidRequest(f"Unknown field '{name}'.", param=name, code="unknown_parameter")
+        field_name = sorted(unknown)[0]
+        raise InvalidRequest(f"Unknown field '{field_name}'.", param=field_name, code="unknown_parameter")
     out: dict[str, Any] = {}
     if creating or "name" in data:
         name = data.get("name")
@@ -129,20 +129,26 @@ def clean_fields(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
             raise InvalidRequest("'name' must be a non-empty string.", param="name")
         out["name"] = name.strip()[:255]
     if "owner" in data:
-        owner = data["owner"]
+        owner: str | None = data["owner"]
         if owner is not None and not isinstance(owner, str):
             raise InvalidRequest("'owner' must be a string.", param="owner")
         out["owner"] = owner
     if "models" in data:
         models = data["models"]
-        if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
-            raise InvalidRequest("'models' must be a list of model names, or null for every model.", param="models")
+        if models is not None and (
+            not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+        ):
+            raise InvalidRequest(
+                "'models' must be a list of model names, or null for every model.", param="models"
+            )
         out["allowed_models"] = sorted(set(models)) if models is not None and "*" not in models else None
     for field in _LIMIT_FIELDS:
         if field in data:
             value = data[field]
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise InvalidRequest(f"'{field}' must be a whole number >= 0, or null for no limit.", param=field)
+                raise InvalidRequest(
+                    f"'{field}' must be a whole number >= 0, or null for no limit.", param=field
+                )
             out[field] = value
     if "allowed_ips" in data:
         ips = data["allowed_ips"]

@@ -108,7 +108,9 @@ def estimate_prompt_tokens(operation: str, body: dict[str, Any]) -> int:
     if isinstance(raw, str):
         return count_tokens(raw)
     if isinstance(raw, list):
-        return sum(count_tokens(x) if isinstance(x, str) else len(x) if isinstance(x, list) else 1 for x in raw)
+        return sum(
+            count_tokens(x) if isinstance(x, str) else len(x) if isinstance(x, list) else 1 for x in raw
+        )
     return 0
 
 
@@ -196,22 +198,33 @@ class ProxyService:
             route = self.resolve(caller, requested)
             admission = await admit(caller, route, body) if admit is not None else None
         except GatewayError as exc:
-            self._record_failure(operation, body, caller, requested, stream, exc.status_code, exc.code or exc.error_type)
+            self._record_failure(
+                operation, body, caller, requested, stream, exc.status_code, exc.code or exc.error_type
+            )
             raise
         if stream:
             return await self._forward_stream(
                 operation, body, caller, route, requested, azure_style, admission, on_reply
             )
-        return await self._forward_json(operation, body, raw, caller, route, requested, azure_style, admission)
+        return await self._forward_json(
+            operation, body, raw, caller, route, requested, azure_style, admission
+        )
 
     def _encode(
-        self, body: dict[str, Any], raw: bytes | None, backend: Backend, route: ModelRoute, requested: str | None
+        self,
+        body: dict[str, Any],
+        raw: bytes | None,
+        backend: Backend,
+        route: ModelRoute,
+        requested: str | None,
     ) -> bytes:
         if backend.rewrites_model():
             return orjson.dumps({**body, "model": backend.config.model})
         if backend.provider != "azure" and body.get("model") != requested:
             # Azure-style inbound route (deployment in the path) to an OpenAI-style upstream: name the model
-            return orjson.dumps({**body, "model": requested if not route.config.wildcard else body.get("model")})
+            return orjson.dumps(
+                {**body, "model": requested if not route.config.wildcard else body.get("model")}
+            )
         if raw is not None:
             return raw
         return orjson.dumps(body)
@@ -222,18 +235,24 @@ class ProxyService:
         route: ModelRoute,
         caller: Caller,
         send: Callable[[Backend], Any],
+        *,
+        hold: bool = False,
     ) -> tuple[Any, BackendState, int]:
-        """Try the route's backends in order, failing over on the errors the model allows."""
-        plan = self.router.plan(route)
-        if not plan:
-            raise NoBackendAvailable(f"no backend of model {route.name!r} is available")
+        """Try the route's backends in order, failing over on the errors the model allows.
+
+        With `hold`, the winning backend's slot stays taken (a stream releases it when it ends).
+        """
+        plan = self.router.plan(route)  # raises NoBackendAvailable when every backend is out
         budget = 1 + route.config.retries
         last: UpstreamError | None = None
         attempts = 0
-        for state in plan[:budget]:
+        for state in plan:
+            if attempts >= budget:
+                break
+            if not self.router.acquire(state):
+                continue  # filled up (max_parallel) or a probe is already out
             attempts += 1
             started = time.perf_counter()
-            self.router.started(state)
             try:
                 result = await send(state.backend)
             except UpstreamError as exc:
@@ -246,17 +265,23 @@ class ProxyService:
                     route.name,
                     state.name,
                     exc.message,
-                    extra={"request_id": caller.request_id},
+                    extra={"request_id": caller.request_id, "backend": state.name, "attempt": attempts},
                 )
                 if not exc.retryable or exc.failover_kind not in route.config.fail_over_on:
                     break
                 continue
             except BaseException:
-                state.in_flight -= 1
+                self.router.release(state)
                 raise
-            self.router.succeeded(state, (time.perf_counter() - started) * 1000)
+            self.router.succeeded(state, (time.perf_counter() - started) * 1000, release=not hold)
+            caller.log["attempts"] = attempts
             return result, state, attempts
-        assert last is not None
+        if last is None:
+            busy = NoBackendAvailable(
+                f"Every backend of model '{route.name}' is busy or unavailable; try again shortly."
+            )
+            busy.retry_after = 1.0
+            raise busy
         last.attempts = attempts  # type: ignore[attr-defined]
         raise last
 
@@ -272,20 +297,32 @@ class ProxyService:
         admission: Any,
     ) -> JsonResult:
         def send(backend: Backend) -> Any:
-            return backend.post(operation, self._encode(body, raw, backend, route, requested), model=route.name)
+            return backend.post(
+                operation, self._encode(body, raw, backend, route, requested), model=route.name
+            )
 
         try:
             response, state, attempts = await self._attempts(operation, route, caller, send)
             try:
                 data = orjson.loads(response.content)
             except orjson.JSONDecodeError:
-                raise UpstreamBadResponse(
+                bad = UpstreamBadResponse(
                     f"the upstream backend {state.name!r} answered with invalid JSON", backend=state.name
-                ) from None
+                )
+                self.router.broke(state, bad)
+                raise bad from None
         except UpstreamError as exc:
             await self._settle(admission, 0)
             self._record_failure(
-                operation, body, caller, requested, False, exc.status_code, exc.code or exc.error_type, route, exc
+                operation,
+                body,
+                caller,
+                requested,
+                False,
+                exc.status_code,
+                exc.code or exc.error_type,
+                route,
+                exc,
             )
             raise
         usage = usage_from(data.get("usage") if isinstance(data, dict) else None) or Usage(
@@ -327,10 +364,14 @@ class ProxyService:
     ) -> StreamResult:
         options = body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        upstream_body = body if wants_usage else {
-            **body,
-            "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True},
-        }
+        upstream_body = (
+            body
+            if wants_usage
+            else {
+                **body,
+                "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True},
+            }
+        )
 
         def send(backend: Backend) -> Any:
             return backend.open_stream(
@@ -338,11 +379,19 @@ class ProxyService:
             )
 
         try:
-            upstream, state, attempts = await self._attempts(operation, route, caller, send)
+            upstream, state, attempts = await self._attempts(operation, route, caller, send, hold=True)
         except UpstreamError as exc:
             await self._settle(admission, 0)
             self._record_failure(
-                operation, body, caller, requested, True, exc.status_code, exc.code or exc.error_type, route, exc
+                operation,
+                body,
+                caller,
+                requested,
+                True,
+                exc.status_code,
+                exc.code or exc.error_type,
+                route,
+                exc,
             )
             raise
         frames = self._relay(
@@ -359,6 +408,8 @@ class ProxyService:
             admission,
             on_reply,
         )
+        # run the relay up to its first (empty) yield: from here on, closing it always runs its cleanup
+        await frames.__anext__()
         headers = dict(admission.headers) if admission is not None else {}
         return StreamResult(frames, headers)
 
@@ -384,21 +435,26 @@ class ProxyService:
         usage: Usage | None = None
         held: dict[str, Any] | None = None  # fields of an empty-choices chunk, folded into the next one
         first_token: float | None = None
-        outcome, error_type = OUTCOME_CLIENT_DISCONNECTED, "client_disconnected"
+        outcome: str = OUTCOME_CLIENT_DISCONNECTED
+        error_type: str | None = "client_disconnected"
         try:
+            yield b""  # consumed by _forward_stream (see there)
             async for payload in upstream:
                 try:
                     chunk = orjson.loads(payload)
                 except orjson.JSONDecodeError:
                     raise UpstreamBadResponse(
-                        f"the upstream backend {state.name!r} sent a malformed stream event", backend=state.name
+                        f"the upstream backend {state.name!r} sent a malformed stream event",
+                        backend=state.name,
                     ) from None
                 if not isinstance(chunk, dict):
                     continue
                 if "error" in chunk and "choices" not in chunk:
                     # an error event from the upstream: pass it on, then end the stream
                     err = chunk.get("error")
-                    error_type = (err.get("code") or err.get("type")) if isinstance(err, dict) else "upstream_error"
+                    error_type = (
+                        (err.get("code") or err.get("type")) if isinstance(err, dict) else "upstream_error"
+                    )
                     outcome = OUTCOME_ERROR
                     yield b"data: " + payload + b"\n\n"
                     break
@@ -439,15 +495,20 @@ class ProxyService:
             yield b"data: " + orjson.dumps(exc.error_body()) + b"\n\n"
             yield DONE_FRAME
         finally:
+            self.router.release(state)
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
                 text = "".join(texts.get(0, []))
                 if usage is None:
                     completion = sum(count_tokens("".join(parts)) for parts in texts.values())
-                    completion += sum(count_tokens(str(tc.get("function", {}).get("arguments", ""))) for tc in tool_calls.values())
+                    completion += sum(
+                        count_tokens(str(tc.get("function", {}).get("arguments", "")))
+                        for tc in tool_calls.values()
+                    )
                     prompt = estimate_prompt_tokens(operation, body)
                     usage = Usage(prompt, completion, prompt + completion, estimated=True)
-                await self._settle(admission, usage.total_tokens)
+                final_usage: Usage = usage
+                await self._settle(admission, final_usage.total_tokens)
             reply: dict[str, Any] | None = None
             if chat:
                 reply = {"role": "assistant", "content": text or None}
@@ -458,7 +519,7 @@ class ProxyService:
             if on_reply is not None:
                 with anyio.CancelScope(shield=True):
                     try:
-                        await on_reply(reply, usage, outcome)
+                        await on_reply(reply, final_usage, outcome)
                     except Exception:
                         logger.exception("storing the streamed reply failed")
             self._record(
@@ -472,7 +533,7 @@ class ProxyService:
                 stream=True,
                 status=200,
                 outcome=outcome,
-                usage=usage,
+                usage=final_usage,
                 reply=reply,
                 error_type=error_type,
                 ttft_ms=ttft,
@@ -498,7 +559,8 @@ class ProxyService:
                 if index == 0 and delta.get("tool_calls"):
                     for tc in delta["tool_calls"]:
                         slot = tool_calls.setdefault(
-                            tc.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                            tc.get("index", 0),
+                            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
                         )
                         if tc.get("id"):
                             slot["id"] = tc["id"]
@@ -634,5 +696,11 @@ class ProxyService:
         body = body or {}
         model = body.get("model")
         self._record_failure(
-            operation, body, caller, model if isinstance(model, str) else None, bool(body.get("stream")), status, error_type
+            operation,
+            body,
+            caller,
+            model if isinstance(model, str) else None,
+            bool(body.get("stream")),
+            status,
+            error_type,
         )

@@ -14,7 +14,9 @@ class UpstreamError(Exception):
     retryable = True
     failover_kind = "5xx"  # which fail_over_on condition covers it: connect | timeout | 429 | 5xx | never
 
-    def __init__(self, message: str, *, backend: str | None = None, upstream_status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, backend: str | None = None, upstream_status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.backend = backend
@@ -33,7 +35,9 @@ class UpstreamRateLimited(UpstreamError):
     code = "rate_limit_exceeded"
     failover_kind = "429"
 
-    def __init__(self, message: str, *, retry_after: float | None, body: dict[str, Any] | None = None, **kw: Any):
+    def __init__(
+        self, message: str, *, retry_after: float | None, body: dict[str, Any] | None = None, **kw: Any
+    ):
         super().__init__(message, **kw)
         self.retry_after = retry_after
         self.body = body
@@ -88,7 +92,7 @@ class UpstreamClientError(UpstreamError):
     retryable = False
     failover_kind = "never"
     error_type = "invalid_request_error"
-    code = None
+    code: str | None = None
 
     def __init__(self, message: str, *, status_code: int, body: dict[str, Any] | None, **kw: Any) -> None:
         super().__init__(message, **kw)

@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 
-from llm_backend.config import BackendConfig
 from llm_backend.upstream.base import CHAT, COMPLETIONS, EMBEDDINGS, Backend, UpstreamResponse, UpstreamStream
 from llm_backend.upstream.errors import UpstreamClientError
 
@@ -49,7 +48,9 @@ class MockBackend(Backend):
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise UpstreamClientError("invalid JSON body", status_code=400, body=None, backend=self.name) from None
+            raise UpstreamClientError(
+                "invalid JSON body", status_code=400, body=None, backend=self.name
+            ) from None
         return data if isinstance(data, dict) else {}
 
     def _prompt(self, operation: str, data: dict[str, Any]) -> str:
@@ -62,7 +63,11 @@ class MockBackend(Backend):
 
     def _prompt_tokens(self, operation: str, data: dict[str, Any]) -> int:
         if operation == CHAT:
-            return sum(4 + count_tokens(_text_of(m.get("content"))) for m in data.get("messages") or [] if isinstance(m, dict))
+            return sum(
+                4 + count_tokens(_text_of(m.get("content")))
+                for m in data.get("messages") or []
+                if isinstance(m, dict)
+            )
         return count_tokens(self._prompt(operation, data))
 
     def _model(self, data: dict[str, Any], model: str) -> str:
@@ -108,7 +113,8 @@ class MockBackend(Backend):
                 "created": created,
                 "model": self._model(data, model),
                 "choices": [
-                    {"index": i, "text": r, "logprobs": None, "finish_reason": "stop"} for i, r in enumerate(replies)
+                    {"index": i, "text": r, "logprobs": None, "finish_reason": "stop"}
+                    for i, r in enumerate(replies)
                 ],
                 "usage": usage,
             }
@@ -130,10 +136,18 @@ class MockBackend(Backend):
         items = []
         tokens = 0
         for i, item in enumerate(inputs):
-            text = item if isinstance(item, str) else " ".join(str(x) for x in item) if isinstance(item, list) else str(item)
+            text = (
+                item
+                if isinstance(item, str)
+                else " ".join(str(x) for x in item)
+                if isinstance(item, list)
+                else str(item)
+            )
             tokens += count_tokens(text)
             vector = _vector(text, dims)
-            embedding: Any = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
+            embedding: Any = (
+                base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
+            )
             items.append({"object": "embedding", "index": i, "embedding": embedding})
         return {
             "object": "list",
@@ -173,13 +187,28 @@ class _MockStream(UpstreamStream):
         cid = f"chatcmpl-mock{uuid.uuid4().hex[:24]}" if chat else f"cmpl-mock{uuid.uuid4().hex[:24]}"
         model = b._model(data, self._model)
         delay = b.config.delay_ms / 1000.0
-        base: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
-                                "created": created, "model": model}
+        base: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+        }
         if chat:
             base["system_fingerprint"] = _FINGERPRINT
             for i in range(n):
-                yield orjson.dumps({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                         "logprobs": None, "finish_reason": None}]})
+                yield orjson.dumps(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
         pieces = [r.split(" ") for r in replies]
         for step in range(max(len(p) for p in pieces)):
             if self._closed:
@@ -207,8 +236,11 @@ class _MockStream(UpstreamStream):
         if options.get("include_usage"):
             prompt_tokens = b._prompt_tokens(self._operation, data)
             completion_tokens = sum(count_tokens(r) for r in replies)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
             yield orjson.dumps({**base, "choices": [], "usage": usage})
 
     async def aclose(self) -> None:

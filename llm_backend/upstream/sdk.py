@@ -136,9 +136,13 @@ class SdkBackend(Backend):
             chain.append(e)
             e = e.__cause__ or e.__context__
         names = " ".join(type(c).__name__ for c in chain)
-        refused = any(isinstance(c, ConnectionError | OSError) and not isinstance(c, TimeoutError) for c in chain)
-        if "Connector" in names or "Connect" in names and "Timeout" not in names or refused:
-            return UpstreamUnreachable(f"could not connect to the upstream {self._where()}", backend=self.name)
+        refused = any(
+            isinstance(c, ConnectionError | OSError) and not isinstance(c, TimeoutError) for c in chain
+        )
+        if "Connector" in names or ("Connect" in names and "Timeout" not in names) or refused:
+            return UpstreamUnreachable(
+                f"could not connect to the upstream {self._where()}", backend=self.name
+            )
         if "Timeout" in names or any(isinstance(c, TimeoutError) for c in chain):
             return UpstreamTimeout(f"the upstream {self._where()} timed out", backend=self.name)
         return UpstreamUnreachable(
@@ -154,8 +158,10 @@ class SdkBackend(Backend):
         if isinstance(exc, openai.APITimeoutError):
             # aiohttp maps refused connections to a connect timeout: look at the cause chain
             err = self._transport_error(exc)
-            return err if isinstance(err, UpstreamUnreachable) else UpstreamTimeout(
-                f"the upstream {self._where()} timed out", backend=self.name
+            return (
+                err
+                if isinstance(err, UpstreamUnreachable)
+                else UpstreamTimeout(f"the upstream {self._where()} timed out", backend=self.name)
             )
         return self._transport_error(exc)
 
@@ -172,8 +178,8 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         try:
             return max(0.0, float(value))
         except ValueError:
-            from email.utils import parsedate_to_datetime
             from datetime import UTC, datetime
+            from email.utils import parsedate_to_datetime
 
             try:
                 return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())

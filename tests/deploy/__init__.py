@@ -1,0 +1,1 @@
+"""Deployment checks: manifests, Dockerfile, Tiltfile, and the scale-out simulation."""
