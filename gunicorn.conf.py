@@ -25,3 +25,6 @@ accesslog = None  # llm-backend logs one structured line per request itself
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+# No runtime control socket: nothing uses it, and a read-only root filesystem has nowhere to put it.
+control_socket_disable = True
