@@ -58,7 +58,7 @@ class MockBackend(Backend):
             messages = data.get("messages") or []
             users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
             return _text_of(users[-1].get("content")) if users else ""
-        prompt = data.get("prompt", "")
+        prompt = data.get("prompt") or ""
         return prompt if isinstance(prompt, str) else " ".join(str(p) for p in prompt)
 
     def _prompt_tokens(self, operation: str, data: dict[str, Any]) -> int:
