@@ -25,7 +25,7 @@ class SchemaCheck:
     async def __call__(self) -> tuple[str, bool, str]:
         now = time.monotonic()
         if now - self._at > self.ttl or not self._value[0]:
-            from llm_backend.db.migrate import schema_status
+            from llm_backend.db.schema import schema_status
 
             self._value = await asyncio.to_thread(schema_status, self.engine)
             self._at = now

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,24 @@ from sqlalchemy.engine import Engine
 
 from llm_backend.db.base import utcnow
 from llm_backend.db.models import Conversation, RequestLog
+from llm_backend.db.schema import MIGRATE_HINT, parse_duration
+
+__all__ = [
+    "MIGRATE_HINT",
+    "alembic_config",
+    "current_revision",
+    "downgrade",
+    "find_alembic_ini",
+    "head_revision",
+    "parse_duration",
+    "prune",
+    "schema_status",
+    "upgrade",
+]
 from llm_backend.db.session import make_engine, normalize_url
 
 logger = logging.getLogger(__name__)
 
-MIGRATE_HINT = "run `make migrate` (or `llm-backend migrate`)"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -108,18 +120,6 @@ def schema_status(engine: Engine) -> tuple[bool, str]:
             "the database was migrated by a newer release"
         )
     return False, f"database schema is at {current}, code expects {expected}: {MIGRATE_HINT}"
-
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "": "days"}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`90d`, `12h`, `30m`, `2w`, `45s` (a bare number is days) → timedelta."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90d, 12h, 2w)")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
 def prune(
