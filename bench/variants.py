@@ -101,6 +101,29 @@ def fresh_postgres(ctx: VariantContext) -> Iterator[None]:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
+@contextlib.contextmanager
+def key_with_limits(ctx: VariantContext) -> Iterator[None]:
+    """Key checking on, a key with limits far above what a run sends (so none trips), sent by the client."""
+    ctx.migrate()
+    out = ctx.cli(
+        "keys",
+        "create",
+        "--name",
+        "bench",
+        "--rpm",
+        "100000000",
+        "--tpm",
+        "2000000000",
+        "--daily-tokens",
+        "100000000000",
+        "--max-parallel",
+        "10000",
+    )
+    ctx.env["LLM_BACKEND_AUTH"] = "keys"
+    ctx.headers["Authorization"] = f"Bearer {out.strip().splitlines()[-1]}"
+    yield
+
+
 def _no_postgres() -> str | None:
     return None if postgres_url() else "set BENCH_DATABASE_URL or TEST_DATABASE_URL to run it"
 
@@ -120,5 +143,12 @@ VARIANTS: list[Variant] = [
         baseline="recording-off",
         skip=_no_postgres,
         description="recording on, a fresh PostgreSQL database",
+    ),
+    Variant(
+        "auth-limits",
+        {"LLM_BACKEND_RECORDING": "false"},
+        setup=key_with_limits,
+        baseline="recording-off",
+        description="recording off, key checking on with RPM/TPM/parallel/daily limits (in-process limiter)",
     ),
 ]

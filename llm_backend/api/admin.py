@@ -64,7 +64,7 @@ async def delete_key(key_id: str) -> Response:
 
 
 def _since(value: str | None) -> datetime:
-    from llm_backend.db.schema import parse_duration
+    from llm_backend.durations import parse_duration
 
     now = datetime.now(UTC)
     if not value:

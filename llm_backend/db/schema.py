@@ -5,11 +5,21 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+from llm_backend.durations import parse_duration
+
+__all__ = [
+    "MIGRATE_HINT",
+    "current_revision",
+    "head_revision",
+    "parse_duration",
+    "revisions",
+    "schema_status",
+]
 
 MIGRATE_HINT = "run `make migrate` (or `llm-backend migrate`)"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -80,15 +90,3 @@ def schema_status(engine: Engine) -> tuple[bool, str]:
             "the database was migrated by a newer release"
         )
     return False, f"database schema is at {current}, code expects {expected}: {MIGRATE_HINT}"
-
-
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "": "days"}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`90d`, `12h`, `30m`, `2w`, `45s` (a bare number is days) → timedelta."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90d, 12h, 2w)")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from llm_backend.db.repositories import ApiKeyRepository, hash_api_key
-from llm_backend.db.schema import parse_duration
 from llm_backend.db.session import session_scope
+from llm_backend.durations import parse_duration
 from llm_backend.errors import InvalidRequest, NotFound
 from llm_backend.limits import KeyLimits
 
