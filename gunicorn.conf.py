@@ -28,3 +28,16 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 # No runtime control socket: nothing uses it, and a read-only root filesystem has nowhere to put it.
 control_socket_disable = True
+
+
+def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
+    """Check the configuration once in the master, so a mistake stops start-up with a single line."""
+    import sys
+
+    from llm_backend.config import ConfigError, Settings
+
+    try:
+        Settings.from_env()
+    except ConfigError as exc:
+        print(f"llm-backend: configuration error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -184,7 +184,7 @@ class Settings:
             limiter_fail_open=_bool(env, "LIMITER_FAIL_OPEN", True),
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 1024),
             upstream_http_client=_choice(env, "UPSTREAM_HTTP_CLIENT", "aiohttp", ("aiohttp", "httpx")),
-            web_concurrency=_int(env, "WEB_CONCURRENCY", 1),
+            web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
         )
 
 
