@@ -86,16 +86,14 @@ class Resources:
 
 
 def _route_group(path: str) -> str:
+    """The route template of a path, for metric labels (never the raw path: deployments vary)."""
     if path.startswith("/openai/deployments/"):
-        return (
-            "/openai/deployments/{deployment}/"
-            + path.rsplit("/", 2)[-2 if path.endswith("/chat/completions") else -1]
-        )
-    return (
-        path
-        if path in ("/healthz", "/readyz", "/metrics", "/openai/models", "/openai/deployments")
-        else "other"
-    )
+        for suffix in ("/chat/completions", "/completions", "/embeddings"):
+            if path.endswith(suffix):
+                return "/openai/deployments/{deployment}" + suffix
+        return "/openai/deployments"
+    known = ("/healthz", "/readyz", "/metrics", "/openai/models", "/openapi.json")
+    return path if path in known else "other"
 
 
 def _operation_of(path: str) -> str:

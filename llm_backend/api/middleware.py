@@ -85,27 +85,53 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
 
-        if length is None and self.max_body_bytes:
-            receive = self._counting(receive)
+        if length is None and b"transfer-encoding" in headers:
+            # A chunked body: read it here (bounded), then hand it on with a Content-Length, which the
+            # request validation needs to see that there is a body at all.
+            try:
+                body, receive = await self._buffer(receive)
+            except PayloadTooLarge:
+                await self._too_large(send, rid_header)
+                self._log(scope, caller, 413)
+                return
+            scope = dict(scope)
+            scope["headers"] = [
+                *((k, v) for k, v in scope["headers"] if k not in (b"transfer-encoding", b"content-length")),
+                (b"content-length", str(len(body)).encode()),
+            ]
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             self._log(scope, caller, status)
 
-    def _counting(self, receive: Receive) -> Receive:
-        seen = 0
-        limit = self.max_body_bytes
-
-        async def wrapped() -> Message:
-            nonlocal seen
+    async def _buffer(self, receive: Receive) -> tuple[bytes, Receive]:
+        """Read a whole chunked body (PayloadTooLarge past the limit) and a receive that replays it."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-            return message
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"The request body is larger than the limit of {self.max_body_bytes} bytes."
+                )
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        replayed = False
 
-        return wrapped
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return body, replay
 
     async def _too_large(self, send: Send, rid_header: tuple[bytes, bytes]) -> None:
         body = orjson.dumps(

@@ -68,8 +68,15 @@ class Backend(abc.ABC):
         """Release connections (lifespan shutdown)."""
 
 
+class StreamEndedEarly(Exception):
+    """The byte stream ended before the `data: [DONE]` event."""
+
+
 async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Split a byte stream into SSE events and yield each event's data (joined lines), stopping at [DONE]."""
+    """Split a byte stream into SSE events and yield each event's data (joined lines), stopping at [DONE].
+
+    Raises StreamEndedEarly when the bytes end without [DONE]: the answer was cut off.
+    """
     buffer = b""
     async for chunk in chunks:
         if not chunk:
@@ -90,8 +97,11 @@ async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
             yield data
     if buffer.strip():
         data = _event_data(buffer.strip(b"\n"))
-        if data is not None and data != b"[DONE]":
+        if data == b"[DONE]":
+            return
+        if data is not None:
             yield data
+    raise StreamEndedEarly()
 
 
 def _event_data(block: bytes) -> bytes | None:

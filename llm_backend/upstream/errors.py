@@ -43,9 +43,18 @@ class UpstreamRateLimited(UpstreamError):
         self.body = body
 
     def error_body(self) -> dict[str, Any]:
-        if self.body and isinstance(self.body.get("error"), dict):
-            return self.body
-        return super().error_body()
+        body = super().error_body()
+        upstream = self.body.get("error") if self.body else None
+        if isinstance(upstream, dict):
+            # Azure's 429 body is {"code": "429", "message": ...}: keep its words, in OpenAI's shape
+            code = upstream.get("code")
+            body["error"].update(
+                message=upstream.get("message") or self.message,
+                type=upstream.get("type") or self.error_type,
+                param=upstream.get("param"),
+                code=code if isinstance(code, str) and code and not code.isdigit() else self.code,
+            )
+        return body
 
 
 class UpstreamServerError(UpstreamError):

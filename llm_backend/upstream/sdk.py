@@ -12,7 +12,13 @@ import openai
 import orjson
 
 from llm_backend.config import BackendConfig
-from llm_backend.upstream.base import Backend, UpstreamResponse, UpstreamStream, iter_sse_payloads
+from llm_backend.upstream.base import (
+    Backend,
+    StreamEndedEarly,
+    UpstreamResponse,
+    UpstreamStream,
+    iter_sse_payloads,
+)
 from llm_backend.upstream.errors import (
     UpstreamAuthFailed,
     UpstreamBadResponse,
@@ -250,6 +256,11 @@ class _SdkStream(UpstreamStream):
         try:
             async for payload in iter_sse_payloads(self._response.aiter_bytes()):
                 yield payload
+        except StreamEndedEarly:
+            raise UpstreamBadResponse(
+                f"the upstream stream from {self._backend.name!r} ended before it was complete",
+                backend=self._backend.name,
+            ) from None
         except httpx2.TimeoutException:
             raise UpstreamTimeout(
                 f"the upstream backend {self._backend.name!r} stopped sending", backend=self._backend.name
