@@ -202,13 +202,19 @@ class ProxyService:
                 operation, body, caller, requested, stream, exc.status_code, exc.code or exc.error_type
             )
             raise
-        if stream:
-            return await self._forward_stream(
-                operation, body, caller, route, requested, azure_style, admission, on_reply
+        try:
+            if stream:
+                return await self._forward_stream(
+                    operation, body, caller, route, requested, azure_style, admission, on_reply
+                )
+            return await self._forward_json(
+                operation, body, raw, caller, route, requested, azure_style, admission
             )
-        return await self._forward_json(
-            operation, body, raw, caller, route, requested, azure_style, admission
-        )
+        except BaseException:
+            # settling is idempotent: this only matters when something unexpected cut the request short
+            with anyio.CancelScope(shield=True):
+                await self._settle(admission, 0)
+            raise
 
     def _encode(
         self,
