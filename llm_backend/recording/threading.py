@@ -8,6 +8,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 logger = logging.getLogger(__name__)
 
 TITLE_MAX_CHARS = 60
@@ -64,10 +66,14 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def transcript_hash(messages: Sequence[dict[str, Any]]) -> str:
-    """sha256 (hex) of the canonical JSON of the normalised messages."""
-    normalized = [normalize_message(m) for m in messages]
-    return hashlib.sha256(canonical_json(normalized).encode("utf-8")).hexdigest()
+def transcript_hash(messages: Sequence[dict[str, Any]], *, normalized: bool = False) -> str:
+    """sha256 (hex) of the canonical JSON (sorted keys, compact, UTF-8) of the normalised messages."""
+    items = list(messages) if normalized else [normalize_message(m) for m in messages]
+    try:
+        data = orjson.dumps(items, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a value orjson does not know: the slower, more forgiving encoder
+        data = canonical_json(items).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
 
 
 def content_text(content: Any) -> str:
