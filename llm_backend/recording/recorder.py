@@ -278,12 +278,13 @@ class Recorder:
 
     # -- the background task --------------------------------------------------------------------------------
 
-    async def _wait(self, delay: float | None, *, for_records: bool) -> None:
-        """Sleep `delay` seconds (None: no limit) or until stop or (if `for_records`) a record arrives."""
+    async def _wait(self, delay: float | None, *, for_records: bool, queued: int = 0) -> None:
+        """Sleep `delay` seconds (None: no limit) or until stop or (if `for_records`) the buffer holds more
+        than `queued` records."""
         assert self._records_event is not None and self._stop_event is not None
         if for_records:
             self._records_event.clear()
-            if self._buffer:
+            if len(self._buffer) > queued:
                 return
         events = [self._stop_event.wait()]
         if for_records:
@@ -328,7 +329,7 @@ class Recorder:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             break
-                        await self._wait(remaining, for_records=True)
+                        await self._wait(remaining, for_records=True, queued=len(self._buffer))
                 await self._write_from_buffer()
             except asyncio.CancelledError:
                 raise
