@@ -534,7 +534,9 @@ def _parse_backend(
     if not isinstance(headers, dict):
         raise ConfigError(f"{source}: {where}.headers: expected a mapping of header names to values")
     max_parallel = raw.get("max_parallel")
-    if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
+    if max_parallel is not None and (
+        not isinstance(max_parallel, int) or isinstance(max_parallel, bool) or max_parallel < 1
+    ):
         raise ConfigError(f"{source}: {where}.max_parallel: expected a whole number >= 1")
     priority = raw.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):

@@ -21,7 +21,12 @@ from llm_backend.recording.records import (
     Usage,
 )
 from llm_backend.upstream.base import CHAT, EMBEDDINGS, Backend, UpstreamStream
-from llm_backend.upstream.errors import NoBackendAvailable, UpstreamBadResponse, UpstreamError
+from llm_backend.upstream.errors import (
+    NoBackendAvailable,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamRateLimited,
+)
 from llm_backend.upstream.mock import count_tokens
 from llm_backend.upstream.router import BackendState, ModelRoute, Router
 
@@ -248,7 +253,11 @@ class ProxyService:
 
         With `hold`, the winning backend's slot stays taken (a stream releases it when it ends).
         """
-        plan = self.router.plan(route)  # raises NoBackendAvailable when every backend is out
+        try:
+            plan = self.router.plan(route)  # raises NoBackendAvailable when every backend is out
+        except NoBackendAvailable as exc:
+            exc.attempts = 0  # type: ignore[attr-defined]
+            raise
         budget = 1 + route.config.retries
         last: UpstreamError | None = None
         attempts = 0
@@ -277,7 +286,7 @@ class ProxyService:
                     break
                 continue
             except BaseException:
-                self.router.release(state)
+                self.router.abandoned(state)
                 raise
             self.router.succeeded(state, (time.perf_counter() - started) * 1000, release=not hold)
             caller.log["attempts"] = attempts
@@ -289,6 +298,11 @@ class ProxyService:
             busy.retry_after = 1.0
             raise busy
         last.attempts = attempts  # type: ignore[attr-defined]
+        if isinstance(last, UpstreamRateLimited):
+            # every backend tried is cooling down now: tell the client when the first one is back
+            soonest = self.router.earliest_recovery(route)
+            if soonest is not None:
+                last.retry_after = soonest
         raise last
 
     async def _forward_json(

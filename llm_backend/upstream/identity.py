@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Any
 
+from llm_backend.upstream.errors import UpstreamAuthFailed
+
 logger = logging.getLogger(__name__)
 
 SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -35,7 +37,14 @@ class TokenProvider:
             return self._token
         async with self._lock:
             if self._token is None or time.time() >= self._expires_on - REFRESH_MARGIN:
-                access = await self.credential.get_token(self.scope)
+                try:
+                    access = await self.credential.get_token(self.scope)
+                except Exception as exc:
+                    logger.error("could not obtain an Entra ID token for Azure OpenAI: %s", exc)
+                    raise UpstreamAuthFailed(
+                        "this server could not obtain an Entra ID token for the upstream (check its managed "
+                        "or workload identity); this is a server configuration problem, not the client's"
+                    ) from None
                 self._token, self._expires_on = access.token, float(access.expires_on)
                 logger.info(
                     "obtained an Entra ID token for Azure OpenAI (valid until %s)", int(self._expires_on)

@@ -174,6 +174,23 @@ class Router:
     def release(self, state: BackendState) -> None:
         state.in_flight = max(0, state.in_flight - 1)
 
+    def abandoned(self, state: BackendState) -> None:
+        """A call that ended neither in an answer nor in an upstream error (cancelled, or a bug): free its
+        slot, and if it was the half-open probe, let the next request probe instead."""
+        self.release(state)
+        if state.probing:
+            state.probing = False
+            if state.state == HALF_OPEN:
+                state.state = OPEN
+                state.open_until = time.monotonic()
+
+    def earliest_recovery(self, route: ModelRoute) -> float | None:
+        """Seconds until the first of the route's backends can take a request again (at least 1); None
+        when one can right now."""
+        now = time.monotonic()
+        soonest = min(s.recovers_at(now) for s in route.backends)
+        return None if soonest <= now else max(1.0, soonest - now)
+
     def succeeded(self, state: BackendState, latency_ms: float, *, release: bool = True) -> None:
         if release:
             self.release(state)
@@ -200,7 +217,6 @@ class Router:
                 state.state = CLOSED
             return
         state.failures += 1
-        state.consecutive_failures += 1
         state.last_error = f"{type(exc).__name__}: {exc.message}"[:300]
         state.last_error_at = time.time()
         if exc.failover_kind == "429":
@@ -211,6 +227,7 @@ class Router:
                 state.state = OPEN
                 state.open_until = max(state.open_until, now + wait)
             return  # quota, not sickness: no breaker count
+        state.consecutive_failures += 1
         self._outcome(state, now, False)
         cfg = state.breaker
         if (

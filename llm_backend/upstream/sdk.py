@@ -109,6 +109,9 @@ class SdkBackend(Backend):
             raise UpstreamTimeout(
                 f"the upstream did not answer within {self._total_timeout:g}s", backend=self.name
             ) from None
+        except UpstreamError as exc:  # from the token provider
+            exc.backend = self.name
+            raise
         except openai.APIError as exc:
             raise self._translate(exc) from None
         except httpx2.HTTPError as exc:
@@ -124,6 +127,9 @@ class SdkBackend(Backend):
                 options={"headers": _SSE_HEADERS},
                 stream=True,
             )
+        except UpstreamError as exc:  # from the token provider
+            exc.backend = self.name
+            raise
         except openai.APIError as exc:
             raise self._translate(exc) from None
         except httpx2.HTTPError as exc:
