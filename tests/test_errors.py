@@ -425,3 +425,30 @@ def test_upstream_garbage_body_leaks_nothing(azure_client, httpserver: HTTPServe
 
 def test_sse_body_helper_roundtrip() -> None:
     assert sse_json(sse_body({"a": 1})) == [{"a": 1}]
+
+
+def test_stream_trickling_past_its_total_timeout_ends_with_timeout_event(
+    make_client, httpserver: HTTPServer
+) -> None:
+    """Each chunk arrives within first_byte, but the whole stream would outlast `total`."""
+    chunks = azure_stream_chunks()
+
+    def handler(request: Request) -> Response:
+        def gen():
+            for _ in range(12):
+                yield sse_body(chunks[1], done=False)
+                time.sleep(0.15)
+            yield sse_body(*chunks[2:])
+
+        return Response(gen(), content_type="text/event-stream")
+
+    httpserver.expect_request(AZURE_CHAT_PATH).respond_with_handler(handler)
+    backend = azure_backend(httpserver, timeout=Timeouts(connect=1, first_byte=1.0, total=0.8))
+    client = make_client([ModelConfig(name="gpt-4o", backends=(backend,), retries=0)])
+    r = chat(client, stream=True)
+    assert r.status_code == 200
+    events = sse_json(r.content)
+    assert 1 <= len([e for e in events if "choices" in e]) < 12
+    assert events[-1]["error"]["code"] == "upstream_timeout"
+    assert "total timeout" in events[-1]["error"]["message"]
+    assert r.content.endswith(b"data: [DONE]\n\n")

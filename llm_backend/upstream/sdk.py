@@ -257,10 +257,24 @@ class _SdkStream(UpstreamStream):
         self._backend = backend
         self._response = response
         self.headers = response.headers
+        # the whole stream, from the request on, must end within the backend's total timeout
+        self._deadline = asyncio.get_running_loop().time() + backend.config.timeout.total
 
     async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        events = iter_sse_payloads(self._response.aiter_bytes()).__aiter__()
         try:
-            async for payload in iter_sse_payloads(self._response.aiter_bytes()):
+            while True:
+                try:
+                    async with asyncio.timeout_at(self._deadline):
+                        payload = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"the upstream stream from {self._backend.name!r} ran past its total timeout of "
+                        f"{self._backend.config.timeout.total:g}s",
+                        backend=self._backend.name,
+                    ) from None
                 yield payload
         except StreamEndedEarly:
             raise UpstreamBadResponse(
