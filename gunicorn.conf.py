@@ -24,7 +24,9 @@ preload_app = False
 accesslog = None  # llm-backend logs one structured line per request itself
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# Whose X-Forwarded-For is believed is decided by the app (TRUSTED_PROXIES), in one place: uvicorn must not
+# rewrite the client address before the app sees it.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "")
 
 # No runtime control socket: nothing uses it, and a read-only root filesystem has nowhere to put it.
 control_socket_disable = True

@@ -24,6 +24,7 @@ from llm_backend.limits import (
 )
 from llm_backend.services.keys import KEY_PREFIX, KeyInfo, KeyStore
 from llm_backend.services.proxy import Caller
+from llm_backend.upstream.base import CHAT, EMBEDDINGS
 from llm_backend.upstream.router import ModelRoute
 
 logger = logging.getLogger(__name__)
@@ -138,11 +139,15 @@ class Gate:
         self.limiter = limiter
         self.default_max_tokens = default_max_tokens
 
-    async def __call__(self, caller: Caller, route: ModelRoute, body: dict[str, Any]) -> _Admission | None:
+    async def __call__(
+        self, caller: Caller, route: ModelRoute, body: dict[str, Any], operation: str = CHAT
+    ) -> _Admission | None:
         limits = caller.limits
         if caller.key_id is None or limits is None or _no_limits(limits):
             return None
-        reserve = estimate_tokens(body, default_completion_tokens=self.default_max_tokens)
+        # embeddings produce no completion tokens: reserve only their input
+        completion = 0 if operation == EMBEDDINGS else self.default_max_tokens
+        reserve = estimate_tokens(body, default_completion_tokens=completion)
         try:
             reservation = await self.limiter.acquire(caller.key_id, limits, reserve)
         except LimitExceeded as exc:

@@ -55,7 +55,7 @@ class Admission(Protocol):
     async def settle(self, total_tokens: int) -> None: ...
 
 
-Admit = Callable[["Caller", ModelRoute, dict[str, Any]], Any]
+Admit = Callable[["Caller", ModelRoute, dict[str, Any], str], Any]  # (caller, route, body, operation)
 OnReply = Callable[[dict[str, Any] | None, Usage, str], Awaitable[None]]
 
 
@@ -201,7 +201,7 @@ class ProxyService:
         caller.log["stream"] = stream
         try:
             route = self.resolve(caller, requested)
-            admission = await admit(caller, route, body) if admit is not None else None
+            admission = await admit(caller, route, body, operation) if admit is not None else None
         except GatewayError as exc:
             self._record_failure(
                 operation, body, caller, requested, stream, exc.status_code, exc.code or exc.error_type
