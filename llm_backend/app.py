@@ -155,10 +155,23 @@ def load_spec(settings: Settings) -> dict[str, Any]:
     return spec
 
 
+def _cache_security_introspection() -> None:
+    """Connexion asks `inspect` on every request whether our security functions take `request` and
+    `required_scopes`; the answer never changes for a function, so remember it (3 % of a request's time)."""
+    from connexion.security import AbstractSecurityHandler
+
+    current = AbstractSecurityHandler.__dict__.get("_accepts_kwarg")
+    if isinstance(current, staticmethod) and not hasattr(current.__func__, "cache_info"):
+        AbstractSecurityHandler._accepts_kwarg = staticmethod(  # type: ignore[method-assign]
+            functools.lru_cache(maxsize=256)(current.__func__)
+        )
+
+
 def create_app(settings: Settings | None = None) -> AsyncApp:
     """Build a fresh app: tests call this with their own Settings; asgi.py calls it once per process."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
+    _cache_security_introspection()
     app = AsyncApp(__name__, lifespan=lifespan_for(settings), specification_dir=str(SPEC_DIR))
     app.add_api(
         load_spec(settings),

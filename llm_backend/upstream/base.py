@@ -93,6 +93,9 @@ async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
             if data is None:
                 continue
             if data == b"[DONE]":
+                # read the body to its end, so the connection goes back to the pool instead of being closed
+                async for _ in chunks:
+                    pass
                 return
             yield data
     if buffer.strip():
