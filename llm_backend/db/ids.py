@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -16,8 +17,9 @@ def new_uuid7() -> str:
     Time-ordered, so ids of rows created together sort together (cheap tie-breaker for pagination).
     """
     ms = time.time_ns() // 1_000_000
-    rand_a = secrets.randbits(12)
-    rand_b = secrets.randbits(62)
+    rand = int.from_bytes(os.urandom(10))  # one read for both random fields
+    rand_a = rand & 0xFFF
+    rand_b = (rand >> 12) & ((1 << 62) - 1)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
     return str(uuid.UUID(int=value))
 
