@@ -12,7 +12,7 @@ from llm_backend.api.common import body, caller, json_response, resources
 from llm_backend.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 
 
-def _require_admin() -> Any:
+def _require_admin(*, needs_keys: bool = True) -> Any:
     res = resources()
     if not res.settings.admin_key:
         raise PermissionDenied(
@@ -21,7 +21,7 @@ def _require_admin() -> Any:
         )
     if not caller().is_admin:
         raise AuthenticationFailed("This route needs the admin key.", code="invalid_api_key")
-    if res.key_store is None:
+    if needs_keys and res.key_store is None:
         raise PermissionDenied("No database is configured for keys.", code="admin_disabled")
     return res
 
@@ -103,12 +103,5 @@ async def get_usage(
 
 
 async def list_backends() -> Response:
-    res = resources()
-    if not res.settings.admin_key:
-        raise PermissionDenied(
-            "The admin API is disabled: set LLM_BACKEND_ADMIN_KEY on the server to use it.",
-            code="admin_disabled",
-        )
-    if not caller().is_admin:
-        raise AuthenticationFailed("This route needs the admin key.", code="invalid_api_key")
+    res = _require_admin(needs_keys=False)
     return json_response({"object": "list", "data": res.router.snapshot()})

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from llm_backend.db.base import utcnow
 from llm_backend.db.models import Conversation, RequestLog
 from llm_backend.db.schema import MIGRATE_HINT, parse_duration
+from llm_backend.db.schema import schema_status as _schema_status
 
 __all__ = [
     "MIGRATE_HINT",
@@ -99,27 +100,7 @@ def current_revision(engine: Engine) -> str | None:
 
 def schema_status(engine: Engine) -> tuple[bool, str]:
     """(ok, message): whether the database schema is at the code's head revision, and what to do if not."""
-    try:
-        expected = head_revision()
-    except Exception as exc:  # a broken install is a readiness failure, not a crash
-        return False, f"cannot read the migrations: {exc}"
-    try:
-        current = current_revision(engine)
-    except Exception as exc:
-        return False, f"database unreachable: {type(exc).__name__}: {exc}"
-    if current == expected:
-        return True, f"database schema is at {current} (head)"
-    if current is None:
-        return False, f"database schema is not initialised, code expects {expected}: {MIGRATE_HINT}"
-    script = ScriptDirectory.from_config(alembic_config())
-    try:
-        script.get_revision(current)
-    except Exception:
-        return False, (
-            f"database schema is at {current}, which this code does not know (code expects {expected}): "
-            "the database was migrated by a newer release"
-        )
-    return False, f"database schema is at {current}, code expects {expected}: {MIGRATE_HINT}"
+    return _schema_status(engine)
 
 
 def prune(

@@ -632,37 +632,51 @@ class ProxyService:
     ) -> None:
         backend = state.backend
         caller.log.update(backend=backend.name, attempts=attempts, tokens=usage.total_tokens)
+        self._submit(
+            self._base_record(operation, body, caller, requested, stream, status, outcome, error_type),
+            model=route.name if not route.config.wildcard else requested,
+            provider=backend.provider,
+            backend=backend.name,
+            deployment=backend.upstream_model(requested or route.name),
+            attempts=attempts,
+            usage=usage,
+            ttft_ms=ttft_ms,
+            request_messages=self._messages(operation, body, caller),
+            response_message=reply
+            if self.record_content and caller.record_messages and outcome != OUTCOME_ERROR
+            else None,
+        )
+
+    def _base_record(
+        self,
+        operation: str,
+        body: dict[str, Any],
+        caller: Caller,
+        requested: str | None,
+        stream: bool,
+        status: int,
+        outcome: str,
+        error_type: str | None,
+    ) -> dict[str, Any]:
+        """The fields every record has, whatever became of the request."""
         caller.recorded = True
         user = body.get("user")
-        self._submit(
-            RequestRecord(
-                request_id=caller.request_id,
-                created_at=caller.created_at,
-                route=caller.route,
-                operation=OPERATION_NAMES.get(operation, operation),
-                status_code=status,
-                outcome=outcome,
-                error_type=error_type,
-                stream=stream,
-                model_requested=requested,
-                model=route.name if not route.config.wildcard else requested,
-                provider=backend.provider,
-                backend=backend.name,
-                deployment=backend.upstream_model(requested or route.name),
-                attempts=attempts,
-                usage=usage,
-                latency_ms=(time.perf_counter() - caller.started) * 1000,
-                ttft_ms=ttft_ms,
-                key_id=caller.key_id,
-                user=user if isinstance(user, str) else None,
-                client_ip=caller.client_ip,
-                conversation_id=caller.conversation_id,
-                request_messages=self._messages(operation, body, caller),
-                response_message=reply
-                if self.record_content and caller.record_messages and outcome != OUTCOME_ERROR
-                else None,
-            )
-        )
+        return {
+            "request_id": caller.request_id,
+            "created_at": caller.created_at,
+            "route": caller.route,
+            "operation": OPERATION_NAMES.get(operation, operation),
+            "status_code": status,
+            "outcome": outcome,
+            "error_type": error_type,
+            "stream": stream,
+            "model_requested": requested,
+            "latency_ms": (time.perf_counter() - caller.started) * 1000,
+            "key_id": caller.key_id,
+            "user": user if isinstance(user, str) else None,
+            "client_ip": caller.client_ip,
+            "conversation_id": caller.conversation_id,
+        }
 
     def _record_failure(
         self,
@@ -677,35 +691,17 @@ class ProxyService:
         exc: UpstreamError | None = None,
     ) -> None:
         backend_name = exc.backend if exc is not None else None
-        user = body.get("user")
         caller.log.update(backend=backend_name, error=error_type)
-        caller.recorded = True
         self._submit(
-            RequestRecord(
-                request_id=caller.request_id,
-                created_at=caller.created_at,
-                route=caller.route,
-                operation=OPERATION_NAMES.get(operation, operation),
-                status_code=status,
-                outcome=OUTCOME_ERROR,
-                error_type=error_type,
-                stream=stream,
-                model_requested=requested,
-                model=route.name if route is not None and not route.config.wildcard else None,
-                backend=backend_name,
-                attempts=int(getattr(exc, "attempts", 1 if exc is not None else 0)),
-                usage=Usage(prompt_tokens=0),
-                latency_ms=(time.perf_counter() - caller.started) * 1000,
-                key_id=caller.key_id,
-                user=user if isinstance(user, str) else None,
-                client_ip=caller.client_ip,
-                conversation_id=caller.conversation_id,
-            )
+            self._base_record(operation, body, caller, requested, stream, status, OUTCOME_ERROR, error_type),
+            model=route.name if route is not None and not route.config.wildcard else None,
+            backend=backend_name,
+            attempts=int(getattr(exc, "attempts", 1 if exc is not None else 0)),
         )
 
-    def _submit(self, record: RequestRecord) -> None:
+    def _submit(self, base: dict[str, Any], **fields: Any) -> None:
         try:
-            self.recorder.submit(record)
+            self.recorder.submit(RequestRecord(**base, **fields))
         except Exception:  # recording must never break serving
             logger.exception("handing a record to the recorder failed")
 

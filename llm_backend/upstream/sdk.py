@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import httpx2
 import openai
@@ -32,6 +32,7 @@ from llm_backend.upstream.errors import (
 )
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -96,7 +97,7 @@ class SdkBackend(Backend):
         return self.provider == "openai" and self.config.model is not None
 
     async def post(self, operation: str, body: bytes, *, model: str) -> UpstreamResponse:
-        try:
+        async def call() -> UpstreamResponse:
             async with asyncio.timeout(self._total_timeout):
                 response: httpx2.Response = await self.client.post(
                     self._prefix + operation,
@@ -105,28 +106,31 @@ class SdkBackend(Backend):
                     options={"headers": _JSON_HEADERS},
                 )
                 content = await response.aread()
+            return UpstreamResponse(response.status_code, content, response.headers)
+
+        try:
+            return await self._translated(call())
         except TimeoutError:
             raise UpstreamTimeout(
                 f"the upstream did not answer within {self._total_timeout:g}s", backend=self.name
             ) from None
-        except UpstreamError as exc:  # from the token provider
-            exc.backend = self.name
-            raise
-        except openai.APIError as exc:
-            raise self._translate(exc) from None
-        except httpx2.HTTPError as exc:
-            raise self._transport_error(exc) from None
-        return UpstreamResponse(response.status_code, content, response.headers)
 
     async def open_stream(self, operation: str, body: bytes, *, model: str) -> UpstreamStream:
-        try:
-            response: httpx2.Response = await self.client.post(
+        response: httpx2.Response = await self._translated(
+            self.client.post(
                 self._prefix + operation,
                 cast_to=httpx2.Response,
                 content=body,
                 options={"headers": _SSE_HEADERS},
                 stream=True,
             )
+        )
+        return _SdkStream(self, response)
+
+    async def _translated(self, call: Awaitable[_T]) -> _T:
+        """Await an SDK call, turning its failures into the domain's UpstreamErrors."""
+        try:
+            return await call
         except UpstreamError as exc:  # from the token provider
             exc.backend = self.name
             raise
@@ -134,7 +138,6 @@ class SdkBackend(Backend):
             raise self._translate(exc) from None
         except httpx2.HTTPError as exc:
             raise self._transport_error(exc) from None
-        return _SdkStream(self, response)
 
     async def close(self) -> None:
         await self.client.close()

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
-from llm_backend.db import migrate
+from llm_backend.db import migrate, schema
 from llm_backend.db.models import Base, Conversation, RequestLog
 from llm_backend.db.session import make_engine, session_scope
 
@@ -76,13 +76,19 @@ def test_schema_status_behind_names_both_revisions(tmp_path: Path, monkeypatch: 
     url = f"sqlite:///{tmp_path / 'behind.db'}"
     migrate.upgrade(url)
     engine = make_engine(url)
-    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")
+    monkeypatch.setattr(schema, "head_revision", lambda: "0002")
     ok, message = migrate.schema_status(engine)
     engine.dispose()
     assert not ok
     assert message == (
         "database schema is at 0001, code expects 0002: run `make migrate` (or `llm-backend migrate`)"
     )
+
+
+def test_file_parsed_head_matches_alembic() -> None:
+    """Readiness reads the head from the migration files without Alembic; it must agree with Alembic."""
+    assert schema.head_revision() == migrate.head_revision()
+    assert schema.revisions()["0001"] == ()  # the initial revision follows nothing
 
 
 def test_schema_status_unreachable_database() -> None:
