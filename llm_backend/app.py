@@ -15,6 +15,7 @@ from connexion.lifecycle import ConnexionRequest, ConnexionResponse
 from connexion.middleware import MiddlewarePosition
 from connexion.options import SwaggerUIOptions
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from llm_backend.api.middleware import RequestContextMiddleware
 from llm_backend.api.validation import OpenAIJSONBodyValidator
@@ -192,6 +193,27 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
         max_body_bytes=settings.max_body_bytes,
         trusted_proxies=settings.trusted_proxies,
     )
+    if settings.cors_allow_origins:
+        # Browser chat UIs call the API from their own origin, with an Authorization header (a preflight).
+        # Keys travel in headers, never cookies, so credentials are not allowed.
+        app.add_middleware(
+            CORSMiddleware,
+            position=MiddlewarePosition.BEFORE_EXCEPTION,
+            allow_origins=list(settings.cors_allow_origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=[
+                "x-request-id",
+                "retry-after",
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+            max_age=600,
+        )
     from llm_backend.api.metrics import add_metrics_route
 
     add_metrics_route(app)

@@ -47,6 +47,7 @@ ENV_VARS = (
     "UPSTREAM_HTTP_CLIENT",
     "UPSTREAM_TIMEOUT",
     "MOCK_DELAY_MS",
+    "CORS_ALLOW_ORIGINS",
     "AZURE_CLIENT_ID",
     "AZURE_TENANT_ID",
     "AZURE_FEDERATED_TOKEN_FILE",
@@ -154,6 +155,7 @@ class Settings:
     default_max_tokens: int = 1024
     upstream_http_client: str = "aiohttp"  # aiohttp | httpx
     web_concurrency: int = 1
+    cors_allow_origins: tuple[str, ...] = ("*",)  # browser UIs on other origins; () turns CORS off
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -184,6 +186,7 @@ class Settings:
             limiter_fail_open=_bool(env, "LIMITER_FAIL_OPEN", True),
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 1024),
             upstream_http_client=_choice(env, "UPSTREAM_HTTP_CLIENT", "aiohttp", ("aiohttp", "httpx")),
+            cors_allow_origins=tuple(_split(env.get("CORS_ALLOW_ORIGINS", "*"))),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
         )
 

@@ -210,3 +210,38 @@ def test_client_disconnect_mid_stream_closes_the_relay(serve, caplog: pytest.Log
         assert http.get("/healthz").status_code == 200
         ok = http.post("/v1/chat/completions", json=CHAT)
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_cors_preflight_and_exposed_headers(client) -> None:
+    """A browser UI on another origin may call the API with a bearer key and read our headers."""
+    pre = client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "http://ui.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "*"
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    r = client.post(
+        "/v1/chat/completions",
+        headers={"Origin": "http://ui.example"},
+        json={"model": "mock", "messages": USER_MESSAGES},
+    )
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "x-request-id" in r.headers["access-control-expose-headers"]
+    assert 'route="/v1/chat/completions",status="200"' in client.get("/metrics").text
+    assert "OPTIONS" not in client.get("/metrics").text
+
+
+def test_cors_can_be_switched_off(make_client) -> None:
+    c = make_client(cors_allow_origins=())
+    r = c.post(
+        "/v1/chat/completions",
+        headers={"Origin": "http://ui.example"},
+        json={"model": "mock", "messages": USER_MESSAGES},
+    )
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
