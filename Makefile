@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export HOST PORT
 
-.PHONY: install run serve test lint format bench migrate check-deploy image k8s clean
+.PHONY: install run serve test lint format bench migrate check-deploy image k8s clean ui-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,3 +68,8 @@ check-deploy:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The real-browser test: Debian's chromium driven by playwright-core (installed by tests/ui/install.sh).
+ui-test:
+	bash tests/ui/install.sh
+	$(BIN)/pytest -q tests/ui

@@ -187,13 +187,8 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
     app.add_error_handler(ProblemException, handle_problem)
     app.add_error_handler(HTTPException, handle_problem)
     app.add_error_handler(Exception, handle_unexpected)
-    app.add_middleware(
-        RequestContextMiddleware,
-        position=MiddlewarePosition.BEFORE_EXCEPTION,
-        max_body_bytes=settings.max_body_bytes,
-        trusted_proxies=settings.trusted_proxies,
-    )
     if settings.cors_allow_origins:
+        # added first, so it wraps everything, the request-size refusals included
         # Browser chat UIs call the API from their own origin, with an Authorization header (a preflight).
         # Keys travel in headers, never cookies, so credentials are not allowed.
         app.add_middleware(
@@ -214,6 +209,12 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
             ],
             max_age=600,
         )
+    app.add_middleware(
+        RequestContextMiddleware,
+        position=MiddlewarePosition.BEFORE_EXCEPTION,
+        max_body_bytes=settings.max_body_bytes,
+        trusted_proxies=settings.trusted_proxies,
+    )
     from llm_backend.api.metrics import add_metrics_route
 
     add_metrics_route(app)
