@@ -137,6 +137,12 @@ VARIANTS: list[Variant] = [
         description="recording on, SQLite (the default DATABASE_URL)",
     ),
     Variant(
+        "recording-sqlite-usage",
+        {"LLM_BACKEND_RECORDING": "true", "RECORD_CONTENT": "false"},
+        baseline="recording-off",
+        description="recording on, SQLite, usage rows only (RECORD_CONTENT=false: no conversations)",
+    ),
+    Variant(
         "recording-postgres",
         {"LLM_BACKEND_RECORDING": "true"},
         setup=fresh_postgres,

@@ -141,6 +141,7 @@ def tune_gc() -> None:
     flight a collection would otherwise walk all of theirs, a cost that grows with concurrency)."""
     gc.collect()
     gc.freeze()
+
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, 20_000), max(gen1, 20), max(gen2, 20))
 

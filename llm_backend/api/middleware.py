@@ -52,7 +52,9 @@ class RequestContextMiddleware:
         self.trusted = tuple(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":  # CORS preflights are not requests to record
+        if (
+            scope["type"] != "http" or scope["method"] == "OPTIONS"
+        ):  # CORS preflights are not requests to record
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

@@ -116,6 +116,11 @@ class Recorder:
         event, loop = self._records_event, self._loop
         if event is None or loop is None or event.is_set():
             return
+        # Wake the writer for the first record of a batch and for a full one, not for each record in
+        # between: it is waiting out the flush interval then, and each wake-up costs the serving loop.
+        queued = len(self._buffer)
+        if 1 < queued < self.batch_size:
+            return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:

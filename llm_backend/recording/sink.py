@@ -34,6 +34,7 @@ _STRING_LIMITS: dict[str, int] = {
     if isinstance(c.type, sa.String) and c.type.length is not None
 }
 _CONVERSATION_ID_MAX = 64
+_MESSAGES: sa.Table = Message.__table__  # type: ignore[assignment]
 _RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RequestRecord))
 _USAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(Usage))
 
@@ -384,7 +385,7 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
             ],
         )
     if message_rows:
-        session.execute(sa.insert(Message), message_rows)
+        session.execute(_MESSAGES.insert(), message_rows)  # Core: no ORM bookkeeping per row
     return result
 
 

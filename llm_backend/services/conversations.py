@@ -284,7 +284,9 @@ class ConversationService:
         if role not in ("user", "tool"):
             raise InvalidRequest("Only 'user' (or 'tool') messages can be appended.", param="role")
         if role == "tool" and not data.get("tool_call_id"):
-            raise InvalidRequest("A 'tool' message needs the 'tool_call_id' it answers.", param="tool_call_id")
+            raise InvalidRequest(
+                "A 'tool' message needs the 'tool_call_id' it answers.", param="tool_call_id"
+            )
         conv = await self.get(caller, conversation_id)
         model = data.get("model") or conv.get("model")
         if not model:
