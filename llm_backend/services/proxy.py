@@ -120,16 +120,27 @@ def estimate_prompt_tokens(operation: str, body: dict[str, Any]) -> int:
 
 
 def usage_from(data: Any, *, estimated: bool = False) -> Usage | None:
+    """The upstream's `usage` object as Usage; None when it is missing or not numbers (then we estimate)."""
     if not isinstance(data, dict):
         return None
-    prompt = int(data.get("prompt_tokens") or 0)
-    completion = int(data.get("completion_tokens") or 0)
-    total = int(data.get("total_tokens") or (prompt + completion))
-    pd = data.get("prompt_tokens_details") or {}
-    cd = data.get("completion_tokens_details") or {}
-    cached = pd.get("cached_tokens") if isinstance(pd, dict) else None
-    reasoning = cd.get("reasoning_tokens") if isinstance(cd, dict) else None
-    return Usage(prompt, completion, total, cached, reasoning, estimated)
+    try:
+        prompt = int(data.get("prompt_tokens") or 0)
+        completion = int(data.get("completion_tokens") or 0)
+        total = int(data.get("total_tokens") or (prompt + completion))
+        pd = data.get("prompt_tokens_details") or {}
+        cd = data.get("completion_tokens_details") or {}
+        cached = pd.get("cached_tokens") if isinstance(pd, dict) else None
+        reasoning = cd.get("reasoning_tokens") if isinstance(cd, dict) else None
+        return Usage(
+            prompt,
+            completion,
+            total,
+            int(cached) if cached is not None else None,
+            int(reasoning) if reasoning is not None else None,
+            estimated,
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 class ProxyService:
@@ -296,6 +307,7 @@ class ProxyService:
                 f"Every backend of model '{route.name}' is busy or unavailable; try again shortly."
             )
             busy.retry_after = 1.0
+            busy.attempts = 0  # type: ignore[attr-defined]
             raise busy
         last.attempts = attempts  # type: ignore[attr-defined]
         if isinstance(last, UpstreamRateLimited):
