@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import uvicorn
@@ -131,13 +136,17 @@ def closed_port_url() -> str:
 
 
 @contextlib.contextmanager
-def running_server(app: Any) -> Iterator[str]:
+def running_server(app: Any, **uvicorn_options: Any) -> Iterator[str]:
+    """Serve `app` on a free port (uvicorn in a thread) and yield its base URL; leaving stops it, so its
+    lifespan shutdown (the recorder's drain) has run when the block ends."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **uvicorn_options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not start")
@@ -146,7 +155,65 @@ def running_server(app: Any) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+REPO = Path(__file__).resolve().parents[1]
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+
+
+def gunicorn_worker_pids(proc: subprocess.Popen[bytes]) -> list[str]:
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    return children.read_text().split() if children.exists() else []
+
+
+@contextlib.contextmanager
+def gunicorn_server(
+    env: dict[str, str], log: Path, *, ready_path: str = "/readyz", timeout: float = 60
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The app as users run it: gunicorn with gunicorn.conf.py on a free port, with exactly `env` as its
+    environment (plus HOST and PORT).
+
+    Yields the master process and the base URL once `ready_path` answers 200. On leaving, a master still
+    running is stopped, and any worker it left behind is killed."""
+    port = free_port()
+    full_env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(GUNICORN), "-c", str(REPO / "gunicorn.conf.py"), "llm_backend.asgi:app"],
+            cwd=REPO,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"gunicorn did not answer {ready_path} on {url}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            workers = gunicorn_worker_pids(proc)
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import itertools
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.conftest import free_port
 from tests.deploy.support import ROOT
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
@@ -48,12 +48,6 @@ models:
 ADMIN_KEY = "test-admin-" + secrets.token_urlsafe(16)
 CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
 GRACEFUL_TIMEOUT = 30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def libpq_url(url: str, database: str | None = None) -> str:

@@ -6,9 +6,6 @@ import contextlib
 import math
 import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +13,13 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-import uvicorn
 
 from llm_backend.app import create_app
 from llm_backend.config import BackendConfig, ModelConfig, Settings
 from llm_backend.db import migrate
 from llm_backend.db.session import make_engine
+from tests.conftest import free_port
+from tests.conftest import running_server as shared_running_server
 from tests.conftest_db import db_url, pg_migrated_url
 
 __all__ = ["db_url", "pg_migrated_url"]
@@ -152,12 +150,6 @@ def make_app(tmp_path: Path, sqlite_url: str) -> Callable[..., Any]:
     return make
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def closed_port_url() -> str:
     """A URL where nothing listens."""
     return f"http://127.0.0.1:{free_port()}"
@@ -165,33 +157,10 @@ def closed_port_url() -> str:
 
 @contextlib.contextmanager
 def running_server(app: Any) -> Iterator[str]:
-    """Serve an app with uvicorn in a background thread on 127.0.0.1; yields the base URL.
-
-    uvicorn's own X-Forwarded-For handling is off, so the app's TRUSTED_PROXIES logic is what is tested
-    (test_processes.py checks what gunicorn's configuration does with it)."""
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        backlog=4096,
-        proxy_headers=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    """The shared real-port server, with uvicorn's own X-Forwarded-For handling off, so the app's
+    TRUSTED_PROXIES logic is what is tested (test_processes.py checks what gunicorn's configuration does)."""
+    with shared_running_server(app, backlog=4096, proxy_headers=False) as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import gunicorn_server
 from tests.e2e_access.conftest import (
     CLI,
     KEY_FORMAT,
@@ -21,12 +21,10 @@ from tests.e2e_access.conftest import (
     assert_openai_error,
     bearer,
     chat,
-    free_port,
     redis_or_skip,
     remember_key,
 )
 
-GUNICORN = REPO / ".venv" / "bin" / "gunicorn"
 MODELS_YAML = """\
 models:
   - name: m
@@ -57,38 +55,8 @@ def base_env(tmp_path: Path, database_url: str) -> dict[str, str]:
 @contextlib.contextmanager
 def gunicorn(env: dict[str, str], log: Path) -> Iterator[str]:
     """One gunicorn process (gunicorn.conf.py, one uvicorn worker) on a free port; yields its URL."""
-    port = free_port()
-    env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(GUNICORN), "-c", str(REPO / "gunicorn.conf.py"), "llm_backend.asgi:app"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"gunicorn did not answer on {url}:\n{log.read_text()}")
-            time.sleep(0.1)
+    with gunicorn_server(env, log, ready_path="/healthz") as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def cli_key(database_url: str, *args: str) -> str:

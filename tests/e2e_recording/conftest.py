@@ -7,18 +7,14 @@ PostgreSQL variant is skipped with a message saying so.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -26,6 +22,7 @@ from llm_backend.app import create_app
 from llm_backend.config import BackendConfig, ModelConfig, Settings, Timeouts
 from llm_backend.db.models import Conversation, Message, RequestLog
 from llm_backend.db.session import make_engine, session_scope
+from tests.conftest import running_server
 from tests.conftest_db import (
     NO_POSTGRES,
     TEST_DATABASE_URL,
@@ -258,32 +255,7 @@ def fake_azure(httpserver: HTTPServer) -> FakeAzure:
 # -- a real port ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def uvicorn_server(app: Any) -> Iterator[str]:
-    """Serve `app` on a free port in a thread; leaving stops it (its lifespan shutdown drains the recorder)."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "uvicorn did not stop"
+uvicorn_server = running_server  # the shared real-port server; leaving it drains the recorder
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,18 +20,14 @@ from sqlalchemy.engine import make_url
 
 from llm_backend.db.models import Base, Conversation, Message, RequestLog
 from llm_backend.db.session import make_engine
+from tests.conftest import free_port, gunicorn_server, gunicorn_worker_pids
 from tests.e2e_recording.conftest import (
     count_rows,
-    free_port,
     mock_model,
     request_rows,
     uvicorn_server,
     wait_for,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-GUNICORN = Path(sys.executable).with_name("gunicorn")
-
 
 # -- load -----------------------------------------------------------------------------------------------------
 
@@ -111,11 +106,8 @@ class Load:
 def gunicorn(db_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  - name: mock\n    backends:\n      - provider: mock\n        delay_ms: 2\n")
-    port = free_port()
     env = {
         **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
         "WEB_CONCURRENCY": "2",
         "LLM_BACKEND_CONFIG": str(config),
         "LLM_BACKEND_AUTH": "none",
@@ -125,44 +117,11 @@ def gunicorn(db_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byt
         "GRACEFUL_TIMEOUT": "25",
     }
     log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(GUNICORN), "-c", str(REPO / "gunicorn.conf.py"), "llm_backend.asgi:app"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, f"gunicorn exited early:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"gunicorn did not become ready:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
+    with gunicorn_server(env, log, timeout=20) as (proc, base):
         yield proc, base, log
-    finally:
-        if proc.poll() is None:  # the test failed before its SIGTERM: stop the master and its workers
-            workers = _worker_pids(proc)
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            for pid in workers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
 
 
-def _worker_pids(proc: subprocess.Popen[bytes]) -> list[str]:
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    return children.read_text().split() if children.exists() else []
+_worker_pids = gunicorn_worker_pids
 
 
 def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Path) -> None:
