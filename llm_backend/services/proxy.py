@@ -20,6 +20,7 @@ from llm_backend.recording.records import (
     RequestRecord,
     Usage,
 )
+from llm_backend.tokens import count_tokens, estimate_prompt_tokens
 from llm_backend.upstream.base import CHAT, EMBEDDINGS, Backend, UpstreamStream
 from llm_backend.upstream.errors import (
     NoBackendAvailable,
@@ -27,7 +28,6 @@ from llm_backend.upstream.errors import (
     UpstreamError,
     UpstreamRateLimited,
 )
-from llm_backend.upstream.mock import count_tokens
 from llm_backend.upstream.router import BackendState, ModelRoute, Router
 
 logger = logging.getLogger(__name__)
@@ -90,33 +90,6 @@ class JsonResult:
 class StreamResult:
     frames: AsyncIterator[bytes]
     headers: dict[str, str] = field(default_factory=dict)
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-def estimate_prompt_tokens(operation: str, body: dict[str, Any]) -> int:
-    if operation == CHAT:
-        total = 3
-        for m in body.get("messages") or ():
-            if isinstance(m, dict):
-                total += 4 + count_tokens(_text(m.get("content")))
-                if m.get("tool_calls"):
-                    total += count_tokens(orjson.dumps(m["tool_calls"]).decode())
-        return total
-    raw = body.get("prompt") if operation != EMBEDDINGS else body.get("input")
-    if isinstance(raw, str):
-        return count_tokens(raw)
-    if isinstance(raw, list):
-        return sum(
-            count_tokens(x) if isinstance(x, str) else len(x) if isinstance(x, list) else 1 for x in raw
-        )
-    return 0
 
 
 def usage_from(data: Any, *, estimated: bool = False) -> Usage | None:
@@ -358,7 +331,7 @@ class ProxyService:
             )
             raise
         usage = usage_from(data.get("usage") if isinstance(data, dict) else None) or Usage(
-            prompt_tokens=estimate_prompt_tokens(operation, body), estimated=True
+            prompt_tokens=estimate_prompt_tokens(body), estimated=True
         )
         await self._settle(admission, usage.total_tokens)
         reply = None
@@ -537,7 +510,7 @@ class ProxyService:
                         count_tokens(str(tc.get("function", {}).get("arguments", "")))
                         for tc in tool_calls.values()
                     )
-                    prompt = estimate_prompt_tokens(operation, body)
+                    prompt = estimate_prompt_tokens(body)
                     usage = Usage(prompt, completion, prompt + completion, estimated=True)
                 final_usage: Usage = usage
                 await self._settle(admission, final_usage.total_tokens)

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from llm_backend.tokens import count_tokens
 from llm_backend.upstream.base import CHAT, COMPLETIONS, EMBEDDINGS, Backend, UpstreamResponse, UpstreamStream
 from llm_backend.upstream.errors import UpstreamClientError
 
@@ -25,11 +26,6 @@ def _text_of(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return ""
-
-
-def count_tokens(text: str) -> int:
-    """A rough tokenizer (about four characters a token), shared with usage estimation."""
-    return max(1, (len(text) + 3) // 4) if text else 0
 
 
 class MockBackend(Backend):
