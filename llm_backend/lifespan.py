@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_backend.api.validation import BODY_STATE_KEY
 from llm_backend.config import BackendConfig, Settings
 from llm_backend.metrics import Metrics
 from llm_backend.services.proxy import Caller, ProxyService, RecordSink
@@ -75,8 +76,6 @@ class Resources:
         )
         if caller.recorded or not caller.route.startswith(("/v1/", "/openai/")):
             return
-        from llm_backend.api.validation import BODY_STATE_KEY
-
         body = state.get(BODY_STATE_KEY, (None, None))[0]
         operation = _operation_of(caller.route)
         error = caller.log.get("error") if status >= 400 else None

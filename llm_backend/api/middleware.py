@@ -159,6 +159,14 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _log(self, scope: Scope, caller: Caller, status: int) -> None:
+        on_done = scope.get("state", {}).get("on_request_done")
+        if on_done is not None:
+            try:
+                on_done(caller, status, scope["state"])
+            except Exception:
+                logger.exception("request-completion hook failed")
+        if not logger.isEnabledFor(logging.INFO):
+            return
         latency = (time.perf_counter() - caller.started) * 1000
         fields: dict[str, Any] = {
             "request_id": caller.request_id,
@@ -171,11 +179,4 @@ class RequestContextMiddleware:
         if caller.key_id:
             fields["key_id"] = caller.key_id
         fields.update(caller.log)
-        on_done = scope.get("state", {}).get("on_request_done")
-        if on_done is not None:
-            try:
-                on_done(caller, status, scope["state"])
-            except Exception:
-                logger.exception("request-completion hook failed")
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("%s %s %s %.1fms", scope["method"], scope["path"], status, latency, extra=fields)
+        logger.info("%s %s %s %.1fms", scope["method"], scope["path"], status, latency, extra=fields)
