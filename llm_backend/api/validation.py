@@ -52,28 +52,21 @@ def param_of(path: Iterable[Any]) -> str | None:
     return ".".join(parts) or None
 
 
+def _is_role_mismatch(error: ValidationError) -> bool:
+    return error.validator == "enum" and list(error.relative_path) == ["role"]
+
+
 def _pick(error: ValidationError) -> ValidationError:
     """For a oneOf over message roles, report the branch whose role matches, not the generic failure."""
     while error.validator in ("oneOf", "anyOf") and error.context:
-        instance = error.instance
-        if isinstance(instance, dict) and "role" in instance:
-            matching = [
-                e for e in error.context if not (e.validator == "enum" and list(e.relative_path) == ["role"])
-            ]
+        if isinstance(error.instance, dict) and "role" in error.instance:
             by_branch: dict[int, list[ValidationError]] = {}
             for e in error.context:
                 by_branch.setdefault(e.schema_path[0], []).append(e)  # type: ignore[arg-type]
-            role_ok = [
-                errs
-                for errs in by_branch.values()
-                if not any(e.validator == "enum" and list(e.relative_path) == ["role"] for e in errs)
-            ]
-            if len(role_ok) == 1:
-                return _pick(best_match(role_ok[0]))
+            role_ok = [errs for errs in by_branch.values() if not any(_is_role_mismatch(e) for e in errs)]
             if not role_ok:
                 return error  # no branch has this role: report the role itself
-            matching = [e for errs in role_ok for e in errs]
-            return _pick(best_match(matching))
+            return _pick(best_match([e for errs in role_ok for e in errs]))
         picked = best_match(error.context)
         if picked is error:
             break
