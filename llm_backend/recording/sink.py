@@ -275,10 +275,19 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
         new = messages[hashes[match.transcript_hash] :]
         repo.append_messages(match, [*new, reply], **append_kwargs)
         return match.id
-    parent = next(iter(hashes), None)  # the longest candidate: the exchange this one most likely continues
+    parent = _parent_hash(messages, lengths)
     conv = repo.create(parent_hash=parent, **new_conversation)
     repo.append_messages(conv, [*messages, reply], **append_kwargs)
     return conv.id
+
+
+def _parent_hash(messages: list[dict[str, Any]], lengths: Sequence[int]) -> str | None:
+    """The transcript a new conversation's first record continues, to be adopted by: the longest candidate
+    prefix that ends with an assistant message (every recorded exchange ends with its reply)."""
+    for n in lengths:
+        if messages[n - 1].get("role") == "assistant":
+            return transcript_hash(messages[:n], normalized=True)
+    return None
 
 
 def _thread_in_savepoint(session: Session, record: RequestRecord) -> str | None:
@@ -397,7 +406,7 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
                 new=True,
                 title=title_from_messages(messages),
                 system_prompt=system_prompt_of(messages),
-                parent_hash=candidates[0][0] if candidates else None,
+                parent_hash=_parent_hash(messages, [n for _, n in candidates]),
                 model=record.model or record.model_requested,
                 created_at=record.created_at,
             )
@@ -525,39 +534,44 @@ def _adopt_orphans(session: Session, conversation_ids: set[str]) -> dict[str, st
     """
     table: sa.Table = Conversation.__table__  # type: ignore[assignment]
     merged: dict[str, str] = {}
-    pending = set(conversation_ids)
-    while pending:
+    alive = set(conversation_ids)
+    while alive:  # one merge per round, then look again with what it changed (merges are rare)
         heads: dict[str, Any] = {}
-        for chunk in _in_chunks(sorted(pending)):
-            stmt = sa.select(
-                table.c.id,
-                table.c.owner,
-                table.c.transcript_hash,
-                table.c.message_count,
-                table.c.created_at,
-                table.c.updated_at,
-            ).where(table.c.id.in_(chunk), table.c.transcript_hash.is_not(None))
+        for chunk in _in_chunks(sorted(alive)):
+            stmt = sa.select(table.c.id, table.c.owner, table.c.transcript_hash, table.c.message_count).where(
+                table.c.id.in_(chunk), table.c.transcript_hash.is_not(None)
+            )
             heads.update((row.id, row) for row in session.execute(stmt))
-        pending = set()
-        orphans: dict[tuple[str, str | None], list[Any]] = {}
+        found: tuple[Any, Any] | None = None
         for chunk in _in_chunks(sorted({h.transcript_hash for h in heads.values()})):
             stmt = (
                 sa.select(table)
                 .where(table.c.parent_hash.in_(chunk), table.c.external_id.is_(None))
                 .order_by(table.c.created_at, table.c.id)
             )
-            for row in session.execute(stmt):
-                orphans.setdefault((row.parent_hash, row.owner), []).append(row)
-        for head in heads.values():
-            if head.id in merged:
-                continue
-            for orphan in orphans.get((head.transcript_hash, head.owner), ()):
-                if orphan.id == head.id or orphan.id in merged or orphan.message_count <= head.message_count:
-                    continue
-                _merge(session, head, orphan)
-                merged[orphan.id] = head.id
-                pending.add(head.id)  # its transcript is now the orphan's: another may continue that
+            for orphan in session.execute(stmt):
+                head = next(
+                    (
+                        h
+                        for h in heads.values()
+                        if h.transcript_hash == orphan.parent_hash
+                        and h.owner == orphan.owner
+                        and h.id != orphan.id
+                        and orphan.message_count > h.message_count
+                    ),
+                    None,
+                )
+                if head is not None:
+                    found = (head, orphan)
+                    break
+            if found:
                 break
+        if found is None:
+            break
+        head, orphan = found
+        _merge(session, head, orphan)
+        merged[orphan.id] = head.id
+        alive.discard(orphan.id)
 
     def final(cid: str) -> str:
         while cid in merged:
@@ -574,6 +588,9 @@ def _merge(session: Session, head: Any, orphan: Any) -> None:
     table: sa.Table = Conversation.__table__  # type: ignore[assignment]
     log: sa.Table = RequestLog.__table__  # type: ignore[assignment]
     held = head.message_count
+    created, updated = session.execute(
+        sa.select(table.c.created_at, table.c.updated_at).where(table.c.id == head.id)
+    ).one()
     session.execute(
         _MESSAGES.delete().where(_MESSAGES.c.conversation_id == orphan.id, _MESSAGES.c.position < held)
     )
@@ -590,8 +607,8 @@ def _merge(session: Session, head: Any, orphan: Any) -> None:
             prompt_tokens=table.c.prompt_tokens + (orphan.prompt_tokens or 0),
             completion_tokens=table.c.completion_tokens + (orphan.completion_tokens or 0),
             total_tokens=table.c.total_tokens + (orphan.total_tokens or 0),
-            created_at=min(head.created_at, orphan.created_at),
-            updated_at=max(head.updated_at, orphan.updated_at),
+            created_at=min(created, orphan.created_at),
+            updated_at=max(updated, orphan.updated_at),
         )
     )
     session.execute(table.delete().where(table.c.id == orphan.id))
