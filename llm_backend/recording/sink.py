@@ -255,7 +255,7 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
     elif explicit:
         logger.warning("request %s: conversation id too long, ignored", record.request_id)
 
-    lengths = continuation_prefix_lengths(messages)
+    lengths = _parent_lengths(messages)
     hashes = {transcript_hash(messages[:n], normalized=True): n for n in lengths}
     external = record.external_conversation_id
     if external:
@@ -279,6 +279,14 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
     conv = repo.create(parent_hash=parent, **new_conversation)
     repo.append_messages(conv, [*messages, reply], **append_kwargs)
     return conv.id
+
+
+def _parent_lengths(messages: list[dict[str, Any]]) -> list[int]:
+    """The prefix a request continues: the longest candidate only. In a tool-call round the shorter one
+    (before the last user turn) also exists as a transcript while the tool call's own record is not
+    written yet; continuing it there would leave that record no place when it comes. Waiting for it
+    (an orphan that it adopts) keeps the chain whatever the order."""
+    return continuation_prefix_lengths(messages)[:1]
 
 
 def _parent_hash(messages: list[dict[str, Any]], lengths: Sequence[int]) -> str | None:
@@ -358,9 +366,7 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
         messages = [normalize_message(m) for m in record.request_messages or ()]
         reply = normalize_message(record.response_message or {})
         reply.setdefault("role", "assistant")
-        candidates = [
-            (transcript_hash(messages[:n], normalized=True), n) for n in continuation_prefix_lengths(messages)
-        ]
+        candidates = [(transcript_hash(messages[:n], normalized=True), n) for n in _parent_lengths(messages)]
         wanted.update(h for h, _ in candidates)
         prepared.append((record, messages, reply, candidates))
 
