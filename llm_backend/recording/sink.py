@@ -266,7 +266,9 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
             if conv is not None:
                 conv.external_id = external  # its earlier turns came without the chat id
         if conv is None:
-            conv = repo.create(external_id=external, **new_conversation)
+            conv = repo.create(
+                external_id=external, parent_hash=_parent_hash(messages, lengths), **new_conversation
+            )
         _continue(repo, conv, messages, reply, append_kwargs)
         return conv.id
 
@@ -533,7 +535,7 @@ def _adopt_orphans(session: Session, conversation_ids: set[str]) -> dict[str, st
     """Merge into each conversation just written the orphans that continue it; returns orphan -> adopter.
 
     An orphan is a conversation whose first record continued an exchange that was not written yet (its
-    `parent_hash`, the hash of that transcript). When a conversation's transcript now has that hash, the
+    `parent_hash`, the hash of that transcript); one keyed by a client chat id passes its id on. When a conversation's transcript now has that hash, the
     orphan's messages past it move over (positions carry on unchanged), its totals are added, its request
     rows point here, and the orphan is deleted. With the per-owner lock this makes threading independent
     of the order in which workers write a chat's records.
@@ -544,15 +546,15 @@ def _adopt_orphans(session: Session, conversation_ids: set[str]) -> dict[str, st
     while alive:  # one merge per round, then look again with what it changed (merges are rare)
         heads: dict[str, Any] = {}
         for chunk in _in_chunks(sorted(alive)):
-            stmt = sa.select(table.c.id, table.c.owner, table.c.transcript_hash, table.c.message_count).where(
-                table.c.id.in_(chunk), table.c.transcript_hash.is_not(None)
-            )
+            stmt = sa.select(
+                table.c.id, table.c.owner, table.c.external_id, table.c.transcript_hash, table.c.message_count
+            ).where(table.c.id.in_(chunk), table.c.transcript_hash.is_not(None))
             heads.update((row.id, row) for row in session.execute(stmt))
         found: tuple[Any, Any] | None = None
         for chunk in _in_chunks(sorted({h.transcript_hash for h in heads.values()})):
             stmt = (
                 sa.select(table)
-                .where(table.c.parent_hash.in_(chunk), table.c.external_id.is_(None))
+                .where(table.c.parent_hash.in_(chunk))
                 .order_by(table.c.created_at, table.c.id)
             )
             for orphan in session.execute(stmt):
@@ -564,6 +566,8 @@ def _adopt_orphans(session: Session, conversation_ids: set[str]) -> dict[str, st
                         and h.owner == orphan.owner
                         and h.id != orphan.id
                         and orphan.message_count > h.message_count
+                        # one chat id at most: a chat keyed by the client is never merged into another
+                        and (not orphan.external_id or not h.external_id)
                     ),
                     None,
                 )
@@ -618,6 +622,8 @@ def _merge(session: Session, head: Any, orphan: Any) -> None:
         )
     )
     session.execute(table.delete().where(table.c.id == orphan.id))
+    if orphan.external_id and not head.external_id:  # after the delete: (owner, external_id) is unique
+        session.execute(table.update().where(table.c.id == head.id).values(external_id=orphan.external_id))
 
 
 def _well_formed(record: RequestRecord) -> bool:

@@ -167,3 +167,49 @@ def test_another_owners_orphan_is_not_adopted(engine: Engine, make_record: MakeR
     write_batch(engine, [first], record_content=True)
     state = _state(engine)
     assert sorted((s["conv"].owner, len(s["messages"])) for s in state) == [("key_a", 2), ("key_b", 4)]
+
+
+def test_keyed_turn_written_before_the_unkeyed_first_turn_is_one_conversation(
+    engine: Engine, make_record: MakeRecord
+) -> None:
+    """A UI whose first request has no chat id yet (LibreChat's placeholder), the rest have one, and the
+    second is written first: the chat id passes to the conversation that adopts it."""
+    first = make_record(key_id="k", request_messages=[U1], response_message=A1)
+    second = make_record(
+        key_id="k", request_messages=[U1, A1, U2], response_message=A3, external_conversation_id="lc-1"
+    )
+    write_batch(engine, [second], record_content=True)
+    write_batch(engine, [first], record_content=True)
+    state = _state(engine)
+    assert len(state) == 1
+    assert state[0]["conv"].external_id == "lc-1"
+    assert state[0]["messages"] == [U1, A1, U2, A3]
+    assert state[0]["rows"] == {first.request_id, second.request_id}
+
+
+def test_helper_task_written_before_its_chats_first_turn(engine: Engine, make_record: MakeRecord) -> None:
+    """Open WebUI's title task, written before the turn it titles, makes the (empty) conversation the turn
+    then fills; the title it got back stays the conversation's title."""
+    prompt = "### Task:\nA title for this chat.\n<chat_history>\nUSER: Weather in Oslo?\n</chat_history>"
+    title = make_record(
+        key_id="k",
+        request_messages=[{"role": "user", "content": prompt}],
+        response_message={"role": "assistant", "content": '{ "title": "Oslo Weather" }'},
+        external_conversation_id="owui-9",
+    )
+    turn = make_record(
+        key_id="k", request_messages=[U1], response_message=A1, external_conversation_id="owui-9"
+    )
+    other_key = make_record(
+        key_id="intruder", request_messages=[U2], response_message=A3, external_conversation_id="owui-9"
+    )
+    write_batch(engine, [title], record_content=True)
+    write_batch(engine, [turn, other_key], record_content=True)
+    state = {s["conv"].owner: s for s in _state(engine)}
+    assert set(state) == {"k", "intruder"}
+    mine = state["k"]
+    assert mine["conv"].title == "Oslo Weather"
+    assert mine["messages"] == [U1, A1]
+    assert mine["rows"] == {title.request_id, turn.request_id}
+    assert mine["conv"].total_tokens == 15 + 15  # the helper task counts toward its chat
+    assert state["intruder"]["messages"] == [U2, A3]
