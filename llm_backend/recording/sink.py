@@ -141,12 +141,15 @@ def _continue(
     messages: list[dict[str, Any]],
     reply: dict[str, Any],
     append_kwargs: dict[str, Any],
+    *,
+    by_client: bool = False,
 ) -> None:
     """Add one exchange to a conversation named by id (ours or the client's chat id).
 
     The messages past the stored ones are appended when the stored transcript is a prefix of the request;
     nothing but the usage when the stored transcript already holds the whole exchange (a later turn of
-    the chat was written first); otherwise only the final user message. The reply is appended.
+    the chat was written first); otherwise only the final user message. The reply is appended. Named by
+    the client's chat id (`by_client`), a request that does not begin as the chat does adds no messages.
     """
     stored = list(conv.messages)
     count = len(stored)
@@ -165,10 +168,22 @@ def _continue(
         len(messages) >= count and transcript_hash(messages[:count], normalized=True) == conv.transcript_hash
     ):
         new = exchange[count:]
+    elif by_client and not _shares_opening(stored, messages):
+        # Named by the UI's chat id but quoting nothing of the chat's start: a helper task of a form we
+        # do not know (a custom title prompt), not a turn. Filed under the chat, added to nothing.
+        repo.append_messages(conv, [], **append_kwargs)
+        return
     else:
         users = [m for m in messages if m.get("role") == "user"]
         new = [*users[-1:], reply]
     repo.append_messages(conv, new, **append_kwargs)
+
+
+def _shares_opening(stored: Sequence[Message], messages: list[dict[str, Any]]) -> bool:
+    """Whether a request begins as the stored chat does: its first message past a system prompt is the
+    same (an edited or regenerated later turn still does; a prompt that quotes the chat does not)."""
+    first = next((i for i, m in enumerate(stored) if m.role not in ("system", "developer")), None)
+    return first is not None and len(messages) > first and stored[first].to_dict() == messages[first]
 
 
 def _thread_helper(
@@ -269,7 +284,7 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
             conv = repo.create(
                 external_id=external, parent_hash=_parent_hash(messages, lengths), **new_conversation
             )
-        _continue(repo, conv, messages, reply, append_kwargs)
+        _continue(repo, conv, messages, reply, append_kwargs, by_client=True)
         return conv.id
 
     match: Conversation | None = repo.find_by_transcript_hash(list(hashes), owner=owner) if hashes else None

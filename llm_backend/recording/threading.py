@@ -122,8 +122,9 @@ def system_prompt_of(messages: Sequence[dict[str, Any]]) -> str | None:
 
 # The prompts chat UIs send for their own bookkeeping (a title, tags, follow-up suggestions, search
 # queries, autocompletion) quote the chat instead of continuing it. Open WebUI's default templates all
-# begin with "### Task:" and put the quoted chat in a <chat_history> block.
-_HELPER_OPENINGS = ("### task:",)
+# begin with "### Task:" and put the quoted chat in a <chat_history> block; LibreChat's default title
+# prompt (its agents' "structured" and "completion" title methods) begins "Analyze this conversation".
+_HELPER_OPENINGS = ("### task:", "analyze this conversation and provide:")
 _HELPER_MARKERS = ("<chat_history>",)
 
 
@@ -131,7 +132,7 @@ def is_helper_request(messages: Sequence[dict[str, Any]]) -> bool:
     """Whether a chat request is a UI's helper task (title, tags, follow-ups…) rather than a chat turn.
 
     The shape: one user message (system messages aside) whose text opens with "### Task:" or quotes the
-    chat in a <chat_history> block, the form of Open WebUI's task prompts.
+    chat in a <chat_history> block (Open WebUI's task prompts), or opens as LibreChat's title prompt.
     """
     turns = [m for m in messages if m.get("role") != "system"]
     if len(turns) != 1 or turns[0].get("role") != "user":

@@ -213,3 +213,33 @@ def test_helper_task_written_before_its_chats_first_turn(engine: Engine, make_re
     assert mine["rows"] == {title.request_id, turn.request_id}
     assert mine["conv"].total_tokens == 15 + 15  # the helper task counts toward its chat
     assert state["intruder"]["messages"] == [U2, A3]
+
+
+def test_librechat_title_prompt_and_unknown_tasks_named_by_chat_id_add_no_messages(
+    engine: Engine, make_record: MakeRecord
+) -> None:
+    turn = make_record(
+        key_id="k", request_messages=[U1], response_message=A1, external_conversation_id="lc-2"
+    )
+    custom_task = make_record(  # a custom title prompt of no known form, sent with the chat's id
+        key_id="k",
+        request_messages=[{"role": "user", "content": "Name this chat:\nUser: Weather in Oslo?"}],
+        response_message={"role": "assistant", "content": "Oslo weather"},
+        external_conversation_id="lc-2",
+    )
+    unnamed = make_record(  # LibreChat's default title prompt without a chat id header
+        key_id="k",
+        request_messages=[
+            {
+                "role": "user",
+                "content": "Analyze this conversation and provide:\n1. ...\nUser: Weather in Oslo?",
+            }
+        ],
+        response_message={"role": "assistant", "content": "Oslo Weather"},
+    )
+    write_batch(engine, [turn], record_content=True)
+    write_batch(engine, [custom_task, unnamed], record_content=True)
+    state = _state(engine)
+    assert len(state) == 1
+    assert state[0]["messages"] == [U1, A1]
+    assert state[0]["rows"] == {turn.request_id, custom_task.request_id}
