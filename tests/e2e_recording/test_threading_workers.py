@@ -8,7 +8,6 @@ before the previous one's: threading must come out the same whatever order the w
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,41 +15,13 @@ from typing import Any
 import openai
 import pytest
 
-from llm_backend.db import migrate
 from llm_backend.db.models import RequestLog
 from tests.conftest import gunicorn_server, gunicorn_worker_pids
-from tests.e2e_recording.conftest import (
-    NO_POSTGRES,
-    TEST_DATABASE_URL,
-    conversations,
-    count_rows,
-    create_pg_database,
-    drop_pg_database,
-    request_rows,
-    wait_for,
-)
+from tests.e2e_recording.conftest import conversations, count_rows, request_rows, wait_for
 
 CHATS = 50
 TURNS = 3
 WORKERS = 4
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def fresh_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of its own, migrated to head: a tmp SQLite file or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'workers.db'}"
-        migrate.upgrade(url)
-        yield url
-        return
-    if not TEST_DATABASE_URL:
-        pytest.skip(NO_POSTGRES)
-    url = create_pg_database()
-    try:
-        migrate.upgrade(url)
-        yield url
-    finally:
-        drop_pg_database(url)
 
 
 def _chat(base: str, i: int) -> list[dict[str, Any]]:
@@ -77,7 +48,7 @@ def _chat(base: str, i: int) -> list[dict[str, Any]]:
 
 @pytest.mark.fault
 def test_fifty_fast_three_turn_chats_over_four_workers_are_fifty_conversations(
-    fresh_db: str, tmp_path: Path
+    db_url: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  - name: mock\n    backends:\n      - provider: mock\n")
@@ -86,7 +57,7 @@ def test_fifty_fast_three_turn_chats_over_four_workers_are_fifty_conversations(
         "WEB_CONCURRENCY": str(WORKERS),
         "LLM_BACKEND_CONFIG": str(config),
         "LLM_BACKEND_AUTH": "none",
-        "DATABASE_URL": fresh_db,
+        "DATABASE_URL": db_url,
         "LLM_BACKEND_DATA_DIR": str(tmp_path / "data"),
         "LOG_LEVEL": "WARNING",
     }
@@ -94,9 +65,9 @@ def test_fifty_fast_three_turn_chats_over_four_workers_are_fifty_conversations(
         wait_for(lambda: len(gunicorn_worker_pids(proc)) >= WORKERS, 30, f"{WORKERS} gunicorn workers")
         with ThreadPoolExecutor(max_workers=CHATS) as pool:
             chats = list(pool.map(lambda i: _chat(base, i), range(CHATS)))
-        wait_for(lambda: count_rows(fresh_db, RequestLog) >= CHATS * TURNS, 60, "every request recorded")
+        wait_for(lambda: count_rows(db_url, RequestLog) >= CHATS * TURNS, 60, "every request recorded")
         # the recorder writes a chat's rows and its conversation in one transaction: all are there now
-    convs = conversations(fresh_db)
+    convs = conversations(db_url)
     by_system = {c["messages"][0]["content"]: c for c in convs if c["messages"]}
     assert len(convs) == CHATS, sorted((c["title"], c["message_count"]) for c in convs)
     for history in chats:
@@ -109,7 +80,7 @@ def test_fifty_fast_three_turn_chats_over_four_workers_are_fifty_conversations(
         assert conv["system_prompt"] == history[0]["content"]
         assert conv["parent_hash"] is None  # nothing of it is waiting for an earlier turn any more
     # every request row points at its chat's conversation, three per chat
-    rows = request_rows(fresh_db)
+    rows = request_rows(db_url)
     per_conversation: dict[str, int] = {}
     for row in rows:
         per_conversation[row["conversation_id"]] = per_conversation.get(row["conversation_id"], 0) + 1
