@@ -550,10 +550,10 @@ def _adopt_orphans(session: Session, conversation_ids: set[str]) -> dict[str, st
     """Merge into each conversation just written the orphans that continue it; returns orphan -> adopter.
 
     An orphan is a conversation whose first record continued an exchange that was not written yet (its
-    `parent_hash`, the hash of that transcript); one keyed by a client chat id passes its id on. When a conversation's transcript now has that hash, the
+    `parent_hash`, the hash of that transcript). When a conversation's transcript now has that hash, the
     orphan's messages past it move over (positions carry on unchanged), its totals are added, its request
-    rows point here, and the orphan is deleted. With the per-owner lock this makes threading independent
-    of the order in which workers write a chat's records.
+    rows point here, its client chat id (if any) passes on, and the orphan is deleted. With the per-owner
+    lock this makes threading independent of the order in which workers write a chat's records.
     """
     table: sa.Table = Conversation.__table__  # type: ignore[assignment]
     merged: dict[str, str] = {}
