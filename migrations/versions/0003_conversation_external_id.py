@@ -1,5 +1,7 @@
 """Conversations keyed by a client's chat id (per owner) and the parent hash that lets threading adopt orphans.
 
+Also fills the system prompt of conversations threaded before it was kept: their first message's text.
+
 Revision ID: 0003
 Revises: 0001
 Create Date: 2026-12-02 01:15:00.000000
@@ -24,6 +26,16 @@ def upgrade() -> None:
         "ux_conversations_owner_external_id", "conversations", ["owner", "external_id"], unique=True
     )
     op.create_index("ix_conversations_parent_hash", "conversations", ["parent_hash"])
+    if op.get_bind().dialect.name == "postgresql":
+        text, is_text = "m.content #>> '{}'", "jsonb_typeof(m.content) = 'string'"
+    else:
+        text, is_text = "json_extract(m.content, '$')", "json_type(m.content) = 'text'"
+    op.execute(
+        "UPDATE conversations SET system_prompt = ("
+        f"SELECT {text} FROM messages m WHERE m.conversation_id = conversations.id AND m.position = 0 "
+        f"AND m.role IN ('system', 'developer') AND {is_text}) "
+        "WHERE system_prompt IS NULL"
+    )
 
 
 def downgrade() -> None:

@@ -243,3 +243,35 @@ def test_librechat_title_prompt_and_unknown_tasks_named_by_chat_id_add_no_messag
     assert len(state) == 1
     assert state[0]["messages"] == [U1, A1]
     assert state[0]["rows"] == {turn.request_id, custom_task.request_id}
+
+
+def test_upgrade_fills_the_system_prompt_of_conversations_threaded_before(empty_db_url: str) -> None:
+    from llm_backend.db import migrate
+    from llm_backend.db.session import make_engine
+
+    migrate.upgrade(empty_db_url, "0001")
+    engine = make_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            for cid, first in (("c1", SYSTEM), ("c2", U1), ("c3", None)):
+                conn.execute(
+                    Conversation.__table__.insert().values(
+                        id=cid, created_at=sa.func.now(), updated_at=sa.func.now(), message_count=0
+                    )
+                )
+                if first is not None:
+                    conn.execute(
+                        Message.__table__.insert().values(
+                            conversation_id=cid,
+                            position=0,
+                            role=first["role"],
+                            content=first["content"],
+                            created_at=sa.func.now(),
+                        )
+                    )
+        migrate.upgrade(empty_db_url)
+        with engine.connect() as conn:
+            rows = dict(conn.execute(sa.select(Conversation.id, Conversation.system_prompt)).all())
+        assert rows == {"c1": SYSTEM["content"], "c2": None, "c3": None}
+    finally:
+        engine.dispose()
