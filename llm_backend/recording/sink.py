@@ -148,7 +148,8 @@ def _continue(
 
     The messages past the stored ones are appended when the stored transcript is a prefix of the request;
     nothing but the usage when the stored transcript already holds the whole exchange (a later turn of
-    the chat was written first); otherwise only the final user message. The reply is appended. Named by
+    the chat was written first); only the reply when the request is the stored chat up to an earlier
+    turn (a regenerated answer); otherwise only the final user message. The reply is appended. Named by
     the client's chat id (`by_client`), a request that does not begin as the chat does adds no messages.
     """
     stored = list(conv.messages)
@@ -168,6 +169,10 @@ def _continue(
         len(messages) >= count and transcript_hash(messages[:count], normalized=True) == conv.transcript_hash
     ):
         new = exchange[count:]
+    elif len(messages) < count and transcript_hash(
+        [m.to_dict() for m in stored[: len(messages)]]
+    ) == transcript_hash(messages, normalized=True):
+        new = [reply]  # a regenerated answer: the request is the stored chat up to a turn answered before
     elif by_client and not _shares_opening(stored, messages):
         # Named by the UI's chat id but quoting nothing of the chat's start: a helper task of a form we
         # do not know (a custom title prompt), not a turn. Filed under the chat, added to nothing.

@@ -275,3 +275,18 @@ def test_upgrade_fills_the_system_prompt_of_conversations_threaded_before(empty_
         assert rows == {"c1": SYSTEM["content"], "c2": None, "c3": None}
     finally:
         engine.dispose()
+
+
+def test_regenerated_answer_in_a_keyed_chat_adds_only_the_new_answer(
+    engine: Engine, make_record: MakeRecord
+) -> None:
+    again = {"role": "assistant", "content": "Let me look again."}
+    records = [
+        make_record(key_id="k", request_messages=[U1], response_message=A1, external_conversation_id="c"),
+        make_record(key_id="k", request_messages=[U1], response_message=again, external_conversation_id="c"),
+    ]
+    for record in records:
+        write_batch(engine, [record], record_content=True)
+    state = _state(engine)
+    assert len(state) == 1
+    assert state[0]["messages"] == [U1, A1, again]
