@@ -214,6 +214,7 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
         position=MiddlewarePosition.BEFORE_EXCEPTION,
         max_body_bytes=settings.max_body_bytes,
         trusted_proxies=settings.trusted_proxies,
+        conversation_headers=settings.conversation_id_headers,
     )
     from llm_backend.api.metrics import add_metrics_route
 

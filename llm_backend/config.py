@@ -156,6 +156,9 @@ class Settings:
     upstream_http_client: str = "aiohttp"  # aiohttp | httpx
     web_concurrency: int = 1
     cors_allow_origins: tuple[str, ...] = ("*",)  # browser UIs on other origins; () turns CORS off
+    # Request headers that name the conversation, first present wins: X-Conversation-Id is our own id,
+    # any other (Open WebUI's chat id, a LibreChat `headers:` entry) is the client's chat id, per key.
+    conversation_id_headers: tuple[str, ...] = ("X-Conversation-Id", "X-OpenWebUI-Chat-Id")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -187,6 +190,9 @@ class Settings:
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 1024),
             upstream_http_client=_choice(env, "UPSTREAM_HTTP_CLIENT", "aiohttp", ("aiohttp", "httpx")),
             cors_allow_origins=tuple(_split(env.get("CORS_ALLOW_ORIGINS", "*"))),
+            conversation_id_headers=tuple(
+                _split(env.get("CONVERSATION_ID_HEADERS", "X-Conversation-Id,X-OpenWebUI-Chat-Id"))
+            ),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
         )
 

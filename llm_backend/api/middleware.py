@@ -20,6 +20,8 @@ logger = logging.getLogger("llm_backend.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Header values that name no chat: a UI's template placeholder before the chat has an id
+_NO_CHAT_ID = frozenset({"new", "null", "undefined", "none"})
 
 
 def client_ip(scope: Scope, headers: dict[bytes, bytes], trusted: Sequence[Network]) -> str | None:
@@ -46,10 +48,21 @@ def client_ip(scope: Scope, headers: dict[bytes, bytes], trusted: Sequence[Netwo
 class RequestContextMiddleware:
     """Gives every request an id and a Caller, enforces the body limit and logs one line when it ends."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, trusted_proxies: Sequence[Network] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        trusted_proxies: Sequence[Network] = (),
+        conversation_headers: Sequence[str] = ("X-Conversation-Id",),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.trusted = tuple(trusted_proxies)
+        # (header, is our own conversation id); any other header carries the client's chat id
+        self.conversation_headers = tuple(
+            (h.lower().encode("latin-1"), h.lower() == "x-conversation-id") for h in conversation_headers
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -62,13 +75,17 @@ class RequestContextMiddleware:
         request_id = incoming.decode("latin-1") if incoming else ""
         if not _REQUEST_ID.match(request_id):
             request_id = f"req_{uuid.uuid4().hex}"
-        conversation = headers.get(b"x-conversation-id")
         caller = Caller(
-            request_id=request_id,
-            route=scope["path"],
-            client_ip=client_ip(scope, headers, self.trusted),
-            conversation_id=conversation.decode("latin-1")[:64] if conversation else None,
+            request_id=request_id, route=scope["path"], client_ip=client_ip(scope, headers, self.trusted)
         )
+        for name, ours in self.conversation_headers:
+            value = headers.get(name, b"").decode("latin-1").strip()
+            if value and value.lower() not in _NO_CHAT_ID:
+                if ours:
+                    caller.conversation_id = value[:64]
+                else:
+                    caller.external_conversation_id = value[:255]
+                break
         state = scope.setdefault("state", {})
         state["caller"] = caller
         status = 500

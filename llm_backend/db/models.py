@@ -75,6 +75,11 @@ class Conversation(Base):
     total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     message_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default=sa.text("0"))
     transcript_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    # The client's own chat id (e.g. Open WebUI's X-OpenWebUI-Chat-Id), unique per owner, never global.
+    external_id: Mapped[str | None] = mapped_column(sa.String(255))
+    # Transcript hash of the exchange this conversation's first record continued but could not find
+    # (written later by another worker); the record that has it adopts this conversation.
+    parent_hash: Mapped[str | None] = mapped_column(sa.String(64))
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -88,6 +93,8 @@ class Conversation(Base):
         sa.Index("ix_conversations_updated_at_id", "updated_at", "id"),
         sa.Index("ix_conversations_transcript_hash", "transcript_hash"),
         sa.Index("ix_conversations_model", "model"),
+        sa.Index("ux_conversations_owner_external_id", "owner", "external_id", unique=True),
+        sa.Index("ix_conversations_parent_hash", "parent_hash"),
     )
 
 

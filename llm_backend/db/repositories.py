@@ -226,6 +226,8 @@ class ConversationRepository:
         system_prompt: str | None = None,
         conversation_id: str | None = None,
         created_at: datetime | None = None,
+        external_id: str | None = None,
+        parent_hash: str | None = None,
     ) -> Conversation:
         when = _aware(created_at) if created_at else utcnow()
         conv = Conversation(
@@ -234,6 +236,8 @@ class ConversationRepository:
             owner=owner,
             model=model,
             system_prompt=system_prompt,
+            external_id=external_id,
+            parent_hash=parent_hash,
             created_at=when,
             updated_at=when,
             prompt_tokens=0,
@@ -257,6 +261,16 @@ class ConversationRepository:
             stmt = stmt.options(selectinload(Conversation.messages))
         return self.session.scalars(stmt).first()
 
+    def get_by_external_id(self, external_id: str, *, owner: str | None) -> Conversation | None:
+        """The conversation that `owner` (None: no owner) keys by the client's chat id `external_id`."""
+        owner_clause = Conversation.owner.is_(None) if owner is None else Conversation.owner == owner
+        stmt = (
+            sa.select(Conversation)
+            .where(Conversation.external_id == external_id, owner_clause)
+            .options(selectinload(Conversation.messages))
+        )
+        return self.session.scalars(stmt).first()
+
     def messages(self, conversation_id: str) -> list[Message]:
         stmt = sa.select(Message).where(Message.conversation_id == conversation_id).order_by(Message.position)
         return list(self.session.scalars(stmt))
@@ -265,18 +279,23 @@ class ConversationRepository:
         self,
         *,
         owner: str | None = None,
-        model: str | None = None,
+        model: str | Sequence[str] | None = None,
         created_from: datetime | None = None,
         created_to: datetime | None = None,
         q: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
     ) -> ConversationPage:
-        """Conversations by (updated_at, id) descending; `q` searches titles case-insensitively."""
+        """Conversations by (updated_at, id) descending; `q` searches titles case-insensitively.
+
+        `model` is a name or several (a model and its aliases): a conversation recorded under any matches.
+        """
         limit = max(1, min(int(limit), 1000))
         stmt = self._owned(sa.select(Conversation), owner)
-        if model is not None:
+        if isinstance(model, str):
             stmt = stmt.where(Conversation.model == model)
+        elif model is not None:
+            stmt = stmt.where(Conversation.model.in_(list(model)))
         if created_from is not None:
             stmt = stmt.where(Conversation.created_at >= created_from)
         if created_to is not None:
@@ -363,19 +382,20 @@ class ConversationRepository:
         return added
 
     def find_by_transcript_hash(
-        self, hashes: str | Sequence[str], *, owner: str | None
+        self, hashes: str | Sequence[str], *, owner: str | None, unkeyed: bool = False
     ) -> Conversation | None:
-        """The most recently updated conversation of `owner` (None matches no owner) with one of `hashes`."""
+        """The most recently updated conversation of `owner` (None matches no owner) with one of `hashes`.
+
+        `unkeyed` considers only conversations without a client chat id (external_id).
+        """
         wanted = [hashes] if isinstance(hashes, str) else list(hashes)
         if not wanted:
             return None
         owner_clause = Conversation.owner.is_(None) if owner is None else Conversation.owner == owner
-        stmt = (
-            sa.select(Conversation)
-            .where(Conversation.transcript_hash.in_(wanted), owner_clause)
-            .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-            .limit(1)
-        )
+        stmt = sa.select(Conversation).where(Conversation.transcript_hash.in_(wanted), owner_clause)
+        if unkeyed:
+            stmt = stmt.where(Conversation.external_id.is_(None))
+        stmt = stmt.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(1)
         return self.session.scalars(stmt).first()
 
 

@@ -50,6 +50,7 @@ class RequestRecord:
     user: str | None = None  # the request body's "user" field
     client_ip: str | None = None
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
+    external_conversation_id: str | None = None  # the client's own chat id (e.g. X-OpenWebUI-Chat-Id)
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None

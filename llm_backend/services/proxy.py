@@ -72,6 +72,7 @@ class Caller:
     is_admin: bool = False
     limits: Any = None  # llm_backend.limits.KeyLimits of the key, when it has any
     conversation_id: str | None = None
+    external_conversation_id: str | None = None  # the client's chat id (CONVERSATION_ID_HEADERS), per key
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     log: dict[str, Any] = field(default_factory=dict)
@@ -661,6 +662,7 @@ class ProxyService:
             "user": user if isinstance(user, str) else None,
             "client_ip": caller.client_ip,
             "conversation_id": caller.conversation_id,
+            "external_conversation_id": caller.external_conversation_id,
         }
 
     def _record_failure(
