@@ -105,6 +105,19 @@ def _check_schema(engine: Any, url: str) -> None:
     )
 
 
+def _sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL (None for other databases, in-memory ones and URLs that do not parse)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return str(parsed.database)
+
+
 @contextlib.contextmanager
 def _database(*, schema: bool = True) -> Iterator[Any]:
     """An engine for DATABASE_URL; with `schema`, only once the schema is current. Database failures
@@ -114,8 +127,8 @@ def _database(*, schema: bool = True) -> Iterator[Any]:
     from llm_backend.db.session import make_engine, normalize_url
 
     url = normalize_url(_db_url())
-    sqlite_file = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
-    if schema and sqlite_file and sqlite_file != ":memory:" and not Path(sqlite_file).exists():
+    sqlite_file = _sqlite_file(url)
+    if schema and sqlite_file and not Path(sqlite_file).exists():
         # connecting would leave an empty file behind in the wrong directory
         raise CliError(
             f"{_which_database(url)} does not exist: run `llm-backend migrate` first (or set DATABASE_URL)"
@@ -363,6 +376,21 @@ def _keys(args: argparse.Namespace, store: Any) -> int:
 _USAGE_TOTALS = ["requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "estimated"]
 
 
+def _key_id(engine: Any, id_or_name: str) -> str:
+    """A key given by its id or by its name (which must then be unambiguous)."""
+    from llm_backend.services.keys import KeyStore
+
+    keys = KeyStore(engine).list()
+    if any(k["id"] == id_or_name for k in keys):
+        return id_or_name
+    named = [k["id"] for k in keys if k["name"] == id_or_name]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise CliError(f"several keys are named {id_or_name!r} ({', '.join(named)}); give --key the id")
+    return id_or_name  # perhaps a deleted key: its rows are still in the request log
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
     from llm_backend.db.migrate import parse_duration
     from llm_backend.services.usage import usage_report
@@ -371,7 +399,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     since = until - parse_duration(args.since)
     groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
     with _database() as engine:
-        rows = usage_report(engine, since, until, groups, args.key, args.model)
+        key_id = _key_id(engine, args.key) if args.key else None
+        rows = usage_report(engine, since, until, groups, key_id, args.model)
     if args.json:
         _print_json(rows)
         return 0
@@ -452,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage", help="token and request totals from the request log")
     p.add_argument("--since", default="30d", help="how far back (e.g. 7d, 24h); default 30d")
     p.add_argument("--group-by", default="key,model", help="comma list of key, model, day, user, backend")
-    p.add_argument("--key", help="only this key id")
+    p.add_argument("--key", metavar="KEY", help="only this key (its id, or its name)")
     p.add_argument("--model", help="only this model")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_usage)

@@ -403,6 +403,12 @@ def test_usage_names_keys_beside_their_ids(listed: dict[str, Any]) -> None:
     assert names[keys["gone"]["id"]] is None and names[None] is None
     assert sum(r["requests"] for r in doc) == 40
 
+    for key in (keys["team-a"]["id"], "team-a"):  # a key by its id or by its name
+        only = json.loads(run("usage", "--since", "1d", "--json", "--key", key, env=env).stdout)
+        assert {r["key_name"] for r in only} == {"team-a"} and sum(r["requests"] for r in only) == 10
+    gone = json.loads(run("usage", "--since", "1d", "--json", "--key", keys["gone"]["id"], env=env).stdout)
+    assert sum(r["requests"] for r in gone) == 10
+
     by_model = run("usage", "--since", "1d", "--group-by", "model", env=env).stdout.splitlines()
     assert by_model[0].split()[:3] == ["model", "requests", "errors"]
 
