@@ -100,6 +100,27 @@ class RequestLogRepository:
     def count(self) -> int:
         return int(self.session.scalar(sa.select(sa.func.count()).select_from(RequestLog)) or 0)
 
+    def search(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        client_request_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[RequestLog]:
+        """Rows over [since, until), newest first, filtered by the client's request id, key or model."""
+        stmt = sa.select(RequestLog).where(RequestLog.created_at >= since, RequestLog.created_at < until)
+        if client_request_id is not None:
+            stmt = stmt.where(RequestLog.client_request_id == client_request_id)
+        if key_id is not None:
+            stmt = stmt.where(RequestLog.key_id == key_id)
+        if model is not None:
+            stmt = stmt.where(RequestLog.model == model)
+        stmt = stmt.order_by(RequestLog.created_at.desc(), RequestLog.request_id.desc()).limit(limit)
+        return builtins.list(self.session.scalars(stmt))
+
     def _day_expr(self) -> sa.ColumnElement[str]:
         if self.session.get_bind().dialect.name == "postgresql":
             return sa.func.to_char(sa.func.timezone("UTC", RequestLog.created_at), "YYYY-MM-DD")
@@ -114,6 +135,7 @@ class RequestLogRepository:
         group_by: Sequence[str] = ("key", "model", "day"),
         key_id: str | None = None,
         model: str | None = None,
+        client_request_id: str | None = None,
     ) -> list[UsageRow]:
         """Token and request totals over [since, until), grouped by any of key/model/day/user/backend."""
         bad = set(group_by) - set(USAGE_GROUPS)
@@ -147,6 +169,8 @@ class RequestLogRepository:
             stmt = stmt.where(RequestLog.key_id == key_id)
         if model is not None:
             stmt = stmt.where(RequestLog.model == model)
+        if client_request_id is not None:
+            stmt = stmt.where(RequestLog.client_request_id == client_request_id)
         if keys:
             stmt = stmt.group_by(*[group_cols[g] for g in keys]).order_by(*[group_cols[g] for g in keys])
         rows = []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from llm_backend.db.storable import storable
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,25 @@ class RequestRecord:
     user: str | None = None  # the request body's "user" field
     client_ip: str | None = None
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
+    client_request_id: str | None = None  # the client's own id for the request (sanitized), if it sent one
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None
+
+
+_TEXT_FIELDS = tuple(
+    f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("created_at", "usage", "stream")
+)
+
+
+def storable_record(record: RequestRecord) -> RequestRecord:
+    """The record with every text storable (NUL replaced, see llm_backend.db.storable), message content
+    included; the same record when nothing needed replacing."""
+    changes: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, str | list | dict):
+            clean = storable(value)
+            if clean is not value:
+                changes[name] = clean
+    return dataclasses.replace(record, **changes) if changes else record

@@ -18,7 +18,7 @@ from llm_backend.db.ids import new_uuid7
 from llm_backend.db.models import Conversation, Message, RequestLog
 from llm_backend.db.repositories import ConversationRepository, RequestLogRepository
 from llm_backend.db.session import SQLITE_BEGIN_IMMEDIATE
-from llm_backend.recording.records import RequestRecord, Usage
+from llm_backend.recording.records import RequestRecord, Usage, storable_record
 from llm_backend.recording.threading import (
     continuation_prefix_lengths,
     normalize_message,
@@ -98,6 +98,7 @@ def record_to_row(record: RequestRecord, conversation_id: str | None) -> dict[st
         "user": record.user,
         "client_ip": record.client_ip,
         "conversation_id": conversation_id,
+        "client_request_id": record.client_request_id,
     }
     return {k: _clip(k, v) for k, v in row.items()}
 
@@ -468,6 +469,7 @@ def write_batch(engine: Engine, records: Sequence[RequestRecord], *, record_cont
     """
     if not records:
         return BatchResult()
+    records = [storable_record(r) for r in records]  # texts PostgreSQL can store (no NUL), rows and JSON
     try:
         return BatchResult(written=_write(engine, records, record_content))
     except Exception as exc:
