@@ -53,7 +53,9 @@ def test_request_id_on_errors_streams_and_health(make_client) -> None:
     client = make_client(max_body_bytes=512)
     headers = {"X-Request-Id": "rid-1"}
     echoed = "x-client-request-id"
-    assert client.post("/v1/chat/completions", json={"model": "x"}, headers=headers).headers[echoed] == "rid-1"
+    assert (
+        client.post("/v1/chat/completions", json={"model": "x"}, headers=headers).headers[echoed] == "rid-1"
+    )
     assert client.get("/nowhere", headers=headers).headers[echoed] == "rid-1"
     big = {"model": "mock", "messages": [{"role": "user", "content": "y" * 1000}]}
     assert client.post("/v1/chat/completions", json=big, headers=headers).headers[echoed] == "rid-1"
@@ -204,7 +206,9 @@ def test_client_disconnect_mid_stream_closes_the_relay(serve, caplog: pytest.Log
         deadline = time.monotonic() + 5
         lines: list[logging.LogRecord] = []
         while time.monotonic() < deadline and not lines:
-            lines = [rec for rec in access_records(caplog) if getattr(rec, "client_request_id", None) == "gone-1"]
+            lines = [
+                rec for rec in access_records(caplog) if getattr(rec, "client_request_id", None) == "gone-1"
+            ]
             time.sleep(0.02)
         assert lines, "the request never finished after the client went away"
         assert lines[0].outcome == "client_disconnected"  # type: ignore[attr-defined]

@@ -68,7 +68,9 @@ def _pick(error: ValidationError) -> ValidationError:
             if not role_ok:
                 return error  # no branch has this role: report the role itself
             return _pick(best_match([e for errs in role_ok for e in errs]))
-        picked = best_match(error.context)
+        # a branch of the value's own type says what is wrong better than "expected another type"
+        same_type = [e for e in error.context if e.validator != "type" or e.relative_path]
+        picked = best_match(same_type or error.context)
         if picked is error:
             break
         error = picked
@@ -112,7 +114,7 @@ def to_invalid_request(error: ValidationError, prefix: Iterable[Any] = ()) -> In
             code="invalid_type",
         )
     if error.validator == "enum":
-        allowed = ", ".join(f"'{v}'" for v in error.validator_value)
+        allowed = ", ".join(f"'{v}'" for v in error.validator_value if v is not None)
         return InvalidRequest(
             f"Invalid value: '{instance}'. Supported values are: {allowed}.",
             param=param,
@@ -146,7 +148,7 @@ def _bound_message(error: ValidationError, param: str) -> InvalidRequest | None:
     value <= 128, but got 130 instead." (code integer_above_max_value), and its like for lengths."""
     limit = error.validator_value
     got = error.instance
-    kind = "integer" if isinstance(got, int) and not isinstance(got, bool) else "decimal"
+    kind = "integer" if error.schema.get("type") == "integer" else "decimal"
     if error.validator in ("minimum", "maximum"):
         side, word, op = ("below", "min", ">=") if error.validator == "minimum" else ("above", "max", "<=")
         return InvalidRequest(
