@@ -143,6 +143,14 @@ _FORMATS = {
 }
 
 
+_LENGTHS = {
+    "minItems": ("array", "min"),
+    "maxItems": ("array", "max"),
+    "minLength": ("string", "min"),
+    "maxLength": ("string", "max"),
+}
+
+
 def _bound_message(error: ValidationError, param: str) -> InvalidRequest | None:
     """OpenAI's wording for values out of bounds: "Invalid 'n': integer above maximum value. Expected a
     value <= 128, but got 130 instead." (code integer_above_max_value), and its like for lengths."""
@@ -157,37 +165,24 @@ def _bound_message(error: ValidationError, param: str) -> InvalidRequest | None:
             param=param,
             code=f"{kind}_{side}_{word}_value",
         )
-    if error.validator in ("minItems", "maxItems") and isinstance(got, list):
-        if error.validator == "minItems" and not got:
+    if error.validator in _LENGTHS:
+        noun, word = _LENGTHS[error.validator]
+        if not isinstance(got, list if noun == "array" else str):
+            return None
+        a = "an" if noun == "array" else "a"
+        if word == "min" and not got:
             return InvalidRequest(
-                f"Invalid '{param}': empty array. Expected an array with minimum length {limit}, "
-                "but got an empty array instead.",
+                f"Invalid '{param}': empty {noun}. Expected {a} {noun} with minimum length {limit}, "
+                f"but got an empty {noun} instead.",
                 param=param,
-                code="empty_array",
+                code=f"empty_{noun}",
             )
-        side, word = ("below", "min") if error.validator == "minItems" else ("above", "max")
-        short = "too short" if side == "below" else "too long"
+        side, short = ("below", "too short") if word == "min" else ("above", "too long")
         return InvalidRequest(
-            f"Invalid '{param}': array {short}. Expected an array with {word}imum length {limit}, "
-            f"but got an array with length {len(got)} instead.",
+            f"Invalid '{param}': {noun} {short}. Expected {a} {noun} with {word}imum length {limit}, "
+            f"but got {a} {noun} with length {len(got)} instead.",
             param=param,
-            code=f"array_{side}_{word}_length",
-        )
-    if error.validator in ("minLength", "maxLength") and isinstance(got, str):
-        if error.validator == "minLength" and not got:
-            return InvalidRequest(
-                f"Invalid '{param}': empty string. Expected a string with minimum length {limit}, "
-                "but got an empty string instead.",
-                param=param,
-                code="empty_string",
-            )
-        side, word = ("below", "min") if error.validator == "minLength" else ("above", "max")
-        short = "too short" if side == "below" else "too long"
-        return InvalidRequest(
-            f"Invalid '{param}': string {short}. Expected a string with {word}imum length {limit}, "
-            f"but got a string with length {len(got)} instead.",
-            param=param,
-            code=f"string_{side}_{word}_length",
+            code=f"{noun}_{side}_{word}_length",
         )
     return None
 

@@ -55,6 +55,15 @@ class UsageRow:
     reasoning_tokens: int
 
 
+def _request_filters(stmt: Any, since: datetime, until: datetime, **equal: str | None) -> Any:
+    """`stmt` limited to rows created in [since, until) whose columns equal the given values (None: any)."""
+    stmt = stmt.where(RequestLog.created_at >= since, RequestLog.created_at < until)
+    for column, value in equal.items():
+        if value is not None:
+            stmt = stmt.where(getattr(RequestLog, column) == value)
+    return stmt
+
+
 class RequestLogRepository:
     """The request log: one row per request id, inserted idempotently, summarised for usage reports."""
 
@@ -111,13 +120,14 @@ class RequestLogRepository:
         limit: int = 100,
     ) -> builtins.list[RequestLog]:
         """Rows over [since, until), newest first, filtered by the client's request id, key or model."""
-        stmt = sa.select(RequestLog).where(RequestLog.created_at >= since, RequestLog.created_at < until)
-        if client_request_id is not None:
-            stmt = stmt.where(RequestLog.client_request_id == client_request_id)
-        if key_id is not None:
-            stmt = stmt.where(RequestLog.key_id == key_id)
-        if model is not None:
-            stmt = stmt.where(RequestLog.model == model)
+        stmt = _request_filters(
+            sa.select(RequestLog),
+            since,
+            until,
+            key_id=key_id,
+            model=model,
+            client_request_id=client_request_id,
+        )
         stmt = stmt.order_by(RequestLog.created_at.desc(), RequestLog.request_id.desc()).limit(limit)
         return builtins.list(self.session.scalars(stmt))
 
@@ -164,13 +174,10 @@ class RequestLogRepository:
             total(RequestLog.total_tokens).label("total_tokens"),
             total(RequestLog.cached_tokens).label("cached_tokens"),
             total(RequestLog.reasoning_tokens).label("reasoning_tokens"),
-        ).where(RequestLog.created_at >= since, RequestLog.created_at < until)
-        if key_id is not None:
-            stmt = stmt.where(RequestLog.key_id == key_id)
-        if model is not None:
-            stmt = stmt.where(RequestLog.model == model)
-        if client_request_id is not None:
-            stmt = stmt.where(RequestLog.client_request_id == client_request_id)
+        )
+        stmt = _request_filters(
+            stmt, since, until, key_id=key_id, model=model, client_request_id=client_request_id
+        )
         if keys:
             stmt = stmt.group_by(*[group_cols[g] for g in keys]).order_by(*[group_cols[g] for g in keys])
         rows = []
