@@ -9,6 +9,7 @@ same text, so what one reads back does not depend on the database.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 NUL = "\x00"
@@ -25,21 +26,28 @@ def storable_text(value: str | None) -> str | None:
 def storable(value: Any) -> Any:
     """A JSON-like value (dicts, lists, strings, numbers) with NUL replaced in every string, keys too.
 
-    Returns the same object when nothing needed replacing, so the common case allocates nothing."""
+    Returns the same object when nothing needed replacing, and copies a container only from its first
+    change on, so the common case (no NUL anywhere) allocates nothing."""
     if isinstance(value, str):
         return value.replace(NUL, REPLACEMENT) if NUL in value else value
     if isinstance(value, dict):
-        changed = False
-        out: dict[Any, Any] = {}
-        for k, v in value.items():
-            k2 = storable(k)
-            v2 = storable(v)
-            changed = changed or k2 is not k or v2 is not v
-            out[k2] = v2
-        return out if changed else value
+        out: dict[Any, Any] | None = None
+        for i, (k, v) in enumerate(value.items()):
+            k2, v2 = storable(k), storable(v)
+            if out is None and (k2 is not k or v2 is not v):
+                out = dict(islice(value.items(), i))
+            if out is not None:
+                out[k2] = v2
+        return value if out is None else out
     if isinstance(value, list | tuple):
-        items = [storable(v) for v in value]
-        if any(a is not b for a, b in zip(items, value, strict=True)):
-            return items if isinstance(value, list) else tuple(items)
-        return value
+        items: list[Any] | None = None
+        for i, v in enumerate(value):
+            v2 = storable(v)
+            if items is None and v2 is not v:
+                items = list(value[:i])
+            if items is not None:
+                items.append(v2)
+        if items is None:
+            return value
+        return items if isinstance(value, list) else tuple(items)
     return value

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from llm_backend.db.storable import storable
+import orjson
+
+from llm_backend.db.storable import NUL, storable
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +72,20 @@ def storable_record(record: RequestRecord) -> RequestRecord:
     changes: dict[str, Any] = {}
     for name in _TEXT_FIELDS:
         value = getattr(record, name)
-        if isinstance(value, str | list | dict):
+        if isinstance(value, str):
+            if NUL in value:
+                changes[name] = storable(value)
+        elif isinstance(value, list | dict) and _may_hold_nul(value):
             clean = storable(value)
             if clean is not value:
                 changes[name] = clean
     return dataclasses.replace(record, **changes) if changes else record
+
+
+def _may_hold_nul(value: Any) -> bool:
+    """Whether a JSON-like value may hold a NUL: one orjson pass (NUL is written as \\u0000), about half
+    what a walk in Python costs on a long chat history (the writer thread does this for every record)."""
+    try:
+        return b"\\u0000" in orjson.dumps(value)
+    except TypeError:  # not plain JSON: walk it
+        return True
