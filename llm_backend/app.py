@@ -12,13 +12,15 @@ import yaml
 from connexion import AsyncApp
 from connexion.exceptions import ProblemException
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse
-from connexion.middleware import MiddlewarePosition
+from connexion.middleware import ConnexionMiddleware, MiddlewarePosition
+from connexion.middleware.swagger_ui import SwaggerUIMiddleware
 from connexion.options import SwaggerUIOptions
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from llm_backend.api.docs import DocsMiddleware
 from llm_backend.api.middleware import RequestContextMiddleware
-from llm_backend.api.validation import OpenAIJSONBodyValidator
+from llm_backend.api.validation import OpenAIJSONBodyValidator, OpenAIParameterValidator
 from llm_backend.config import Settings
 from llm_backend.errors import GatewayError, error_body, upstream_error_response
 from llm_backend.lifespan import lifespan_for
@@ -173,13 +175,21 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
     _cache_security_introspection()
-    app = AsyncApp(__name__, lifespan=lifespan_for(settings), specification_dir=str(SPEC_DIR))
+    middlewares = [
+        DocsMiddleware if m is SwaggerUIMiddleware else m for m in ConnexionMiddleware.default_middlewares
+    ]
+    app = AsyncApp(
+        __name__, lifespan=lifespan_for(settings), specification_dir=str(SPEC_DIR), middlewares=middlewares
+    )
     app.add_api(
         load_spec(settings),
         strict_validation=False,
         validate_responses=False,
         pythonic_params=False,
-        validator_map={"body": {"application/json": OpenAIJSONBodyValidator}},
+        validator_map={
+            "parameter": OpenAIParameterValidator,
+            "body": {"application/json": OpenAIJSONBodyValidator},
+        },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs", spec_path="/openapi.json"),
     )
     app.add_error_handler(GatewayError, handle_gateway_error)
@@ -199,6 +209,7 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
             allow_headers=["*"],
             expose_headers=[
                 "x-request-id",
+                "x-client-request-id",
                 "retry-after",
                 "x-ratelimit-limit-requests",
                 "x-ratelimit-remaining-requests",

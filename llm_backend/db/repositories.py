@@ -55,6 +55,15 @@ class UsageRow:
     reasoning_tokens: int
 
 
+def _request_filters(stmt: Any, since: datetime, until: datetime, **equal: str | None) -> Any:
+    """`stmt` limited to rows created in [since, until) whose columns equal the given values (None: any)."""
+    stmt = stmt.where(RequestLog.created_at >= since, RequestLog.created_at < until)
+    for column, value in equal.items():
+        if value is not None:
+            stmt = stmt.where(getattr(RequestLog, column) == value)
+    return stmt
+
+
 class RequestLogRepository:
     """The request log: one row per request id, inserted idempotently, summarised for usage reports."""
 
@@ -100,6 +109,28 @@ class RequestLogRepository:
     def count(self) -> int:
         return int(self.session.scalar(sa.select(sa.func.count()).select_from(RequestLog)) or 0)
 
+    def search(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        client_request_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[RequestLog]:
+        """Rows over [since, until), newest first, filtered by the client's request id, key or model."""
+        stmt = _request_filters(
+            sa.select(RequestLog),
+            since,
+            until,
+            key_id=key_id,
+            model=model,
+            client_request_id=client_request_id,
+        )
+        stmt = stmt.order_by(RequestLog.created_at.desc(), RequestLog.request_id.desc()).limit(limit)
+        return builtins.list(self.session.scalars(stmt))
+
     def _day_expr(self) -> sa.ColumnElement[str]:
         if self.session.get_bind().dialect.name == "postgresql":
             return sa.func.to_char(sa.func.timezone("UTC", RequestLog.created_at), "YYYY-MM-DD")
@@ -114,6 +145,7 @@ class RequestLogRepository:
         group_by: Sequence[str] = ("key", "model", "day"),
         key_id: str | None = None,
         model: str | None = None,
+        client_request_id: str | None = None,
     ) -> list[UsageRow]:
         """Token and request totals over [since, until), grouped by any of key/model/day/user/backend."""
         bad = set(group_by) - set(USAGE_GROUPS)
@@ -142,11 +174,10 @@ class RequestLogRepository:
             total(RequestLog.total_tokens).label("total_tokens"),
             total(RequestLog.cached_tokens).label("cached_tokens"),
             total(RequestLog.reasoning_tokens).label("reasoning_tokens"),
-        ).where(RequestLog.created_at >= since, RequestLog.created_at < until)
-        if key_id is not None:
-            stmt = stmt.where(RequestLog.key_id == key_id)
-        if model is not None:
-            stmt = stmt.where(RequestLog.model == model)
+        )
+        stmt = _request_filters(
+            stmt, since, until, key_id=key_id, model=model, client_request_id=client_request_id
+        )
         if keys:
             stmt = stmt.group_by(*[group_cols[g] for g in keys]).order_by(*[group_cols[g] for g in keys])
         rows = []

@@ -19,7 +19,7 @@ from llm_backend.db.ids import new_uuid7
 from llm_backend.db.models import Conversation, Message, RequestLog
 from llm_backend.db.repositories import ConversationRepository, RequestLogRepository
 from llm_backend.db.session import SQLITE_BEGIN_IMMEDIATE
-from llm_backend.recording.records import RequestRecord, Usage
+from llm_backend.recording.records import RequestRecord, Usage, storable_record
 from llm_backend.recording.threading import (
     continuation_prefix_lengths,
     helper_title,
@@ -102,6 +102,7 @@ def record_to_row(record: RequestRecord, conversation_id: str | None) -> dict[st
         "user": record.user,
         "client_ip": record.client_ip,
         "conversation_id": conversation_id,
+        "client_request_id": record.client_request_id,
     }
     return {k: _clip(k, v) for k, v in row.items()}
 
@@ -730,6 +731,7 @@ def write_batch(engine: Engine, records: Sequence[RequestRecord], *, record_cont
     """
     if not records:
         return BatchResult()
+    records = [storable_record(r) for r in records]  # texts PostgreSQL can store (no NUL), rows and JSON
     try:
         return BatchResult(written=_write(engine, records, record_content))
     except Exception as exc:
