@@ -98,9 +98,11 @@ class InMemoryLimiter(Limiter):
         st.tokens_ts = max(st.tokens_ts, now)
         _roll(st, now)
         if st.in_flight:
-            live = self._live
-            for rid in [rid for rid, expiry in st.in_flight.items() if expiry <= now and rid not in live]:
-                del st.in_flight[rid]
+            for rid in [rid for rid, expiry in st.in_flight.items() if expiry <= now]:
+                if rid in self._live:
+                    st.in_flight[rid] = now + self.lease_s  # still running: renewed
+                else:
+                    del st.in_flight[rid]
         return st
 
     async def acquire(self, key_id: str, limits: KeyLimits, reserve_tokens: int) -> Reservation:

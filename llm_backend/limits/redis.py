@@ -15,6 +15,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -322,6 +324,9 @@ class RedisLimiter(Limiter):
             str, tuple[Reservation, int, float]
         ] = {}  # id -> (reservation, tokens, give up at)
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = (
+            None  # set when a settle is queued: the loop may be in a long sleep
+        )
         self.settle_retries_total = 0  # settles that failed once and were queued for a retry
 
     def _keys(self, key_id: str) -> list[str]:
@@ -377,7 +382,7 @@ class RedisLimiter(Limiter):
             1 if self.seed_budgets else 0,
         ]
         try:
-            raw = await self._acquire(keys=self._keys(key_id), args=args)
+            raw = await self._eval(self._acquire, self._keys(key_id), args)
         except (RedisError, OSError) as exc:
             return self._unavailable(key_id, limits, reserve, exc)
         r = json.loads(raw)
@@ -419,7 +424,7 @@ class RedisLimiter(Limiter):
             self.window_s,
         ]
         try:
-            await self._seed(keys=self._keys(key_id)[:1], args=args)
+            await self._eval(self._seed, self._keys(key_id)[:1], args)
         except (RedisError, OSError) as exc:
             self._failed("seed", exc)
             raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
@@ -437,6 +442,8 @@ class RedisLimiter(Limiter):
             self.settle_retries_total += 1
             self._pending[reservation.id] = (reservation, actual, time.monotonic() + self.lease_s)
             self._start_background()
+            if self._wake is not None:
+                self._wake.set()
 
     async def _settle_once(self, reservation: Reservation, actual: int) -> bool:
         args: list[str | int | float] = [
@@ -452,24 +459,41 @@ class RedisLimiter(Limiter):
             reservation.month,
         ]
         try:
-            await self._settle(keys=self._keys(reservation.key_id), args=args)
+            await self._eval(self._settle, self._keys(reservation.key_id), args)
         except (RedisError, OSError) as exc:
             self._failed("settle", exc)
             return False
         return True
 
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except RedisConnectionError:
+            # A restarted server leaves every pooled connection dead, more than one retry on one connection
+            # can cover: drop the idle ones and try once more on a fresh connection.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            return await script(keys=keys, args=args)
+
     # -- background: lease renewal and settle retries ------------------------------------------------------
 
     def _start_background(self) -> None:
         if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._background(), name="limiter-leases")
 
     async def _background(self) -> None:
         renew_every = max(0.05, self.lease_s / 3)
         next_renew = time.monotonic() + renew_every
+        wake = self._wake
+        assert wake is not None
         while self._live or self._pending:
             tick = min(renew_every, self.retry_interval_s) if self._pending else renew_every
-            await asyncio.sleep(max(0.01, min(tick, next_renew - time.monotonic())))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.01, min(tick, next_renew - time.monotonic())))
+            if wake.is_set():
+                wake.clear()
+                # a settle just failed: give the store its back-off before the first retry
+                await asyncio.sleep(max(0.0, self._down_until - time.monotonic()))
             now = time.monotonic()
             try:
                 if self._pending and now >= self._down_until:
