@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -86,6 +87,38 @@ def _setup_sqlite(engine: Engine, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+#: How much longer than the server's statement_timeout the client waits for an answer before it gives up on
+#: the connection: the server cancels a slow statement itself; this catches a server that answers nothing.
+CLIENT_DEADLINE_MARGIN_S = 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def _deadline_connection_class(deadline_s: float) -> Any:
+    """A psycopg Connection whose every wait for the server ends after `deadline_s` seconds.
+
+    statement_timeout is enforced by the server, so a server that is stopped (SIGSTOP, a frozen VM, a
+    network that drops packets) never sends the cancel and the client would wait forever (a pooled
+    connection's pre-ping included). Past the deadline the connection is closed, so the pool discards it,
+    and the call fails with OperationalError (DatabaseUnavailable out of session_scope)."""
+    import psycopg
+
+    wait_timeout = getattr(psycopg.errors, "_WaitTimeout", psycopg.OperationalError)
+
+    class DeadlineConnection(psycopg.Connection):  # type: ignore[type-arg]
+        def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+            if timeout is not None:
+                return super().wait(gen, interval, timeout)
+            try:
+                return super().wait(gen, interval, deadline_s)
+            except wait_timeout:
+                self.close()
+                raise psycopg.OperationalError(
+                    f"the database server did not answer within {deadline_s:g}s; connection closed"
+                ) from None
+
+    return DeadlineConnection
+
+
 def make_engine(
     url: str | None = None,
     *,
@@ -125,12 +158,21 @@ def make_engine(
         # libpq takes whole seconds; psycopg applies it to the whole connection attempt
         connect = POSTGRES_CONNECT_TIMEOUT_S if connect_timeout_s is None else connect_timeout_s
         connect_args.setdefault("connect_timeout", max(1, round(connect)))
+        kwargs.setdefault("pool_pre_ping", True)
         if statement_timeout_s is not None and statement_timeout_s > 0:
             ms = int(statement_timeout_s * 1000)
             options = f"-c statement_timeout={ms} -c lock_timeout={ms}"
             given = connect_args.get("options")
             connect_args["options"] = f"{given} {options}" if given else options
-        kwargs.setdefault("pool_pre_ping", True)
+            if parsed.get_driver_name() == "psycopg":
+                engine = sa.create_engine(url, echo=echo, connect_args=connect_args, **kwargs)
+                cls = _deadline_connection_class(float(statement_timeout_s) + CLIENT_DEADLINE_MARGIN_S)
+
+                @event.listens_for(engine, "do_connect")
+                def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+                    return cls.connect(*cargs, **cparams)
+
+                return engine
     return sa.create_engine(url, echo=echo, connect_args=connect_args, **kwargs)
 
 
