@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,12 +41,17 @@ _UNAVAILABLE = (
 )
 
 
+_SQLITE_UNAVAILABLE = re.compile(r"locked|busy|unable to open|disk i/o|readonly", re.IGNORECASE)
+
+
 def unavailable_error(exc: BaseException) -> DatabaseUnavailable | None:
     """The DatabaseUnavailable for a driver error that means an outage or a timeout; None for any other."""
     if isinstance(exc, DatabaseUnavailable):
         return exc
     if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated):
         orig = getattr(exc, "orig", None) or exc
+        if type(orig).__module__.startswith("sqlite3") and not _SQLITE_UNAVAILABLE.search(str(orig)):
+            return None  # sqlite3 raises OperationalError for a missing table too: a bug, not an outage
         # first line of the driver's message only: no SQL, no parameters
         detail = str(orig).strip().splitlines()[0][:200] if str(orig).strip() else type(orig).__name__
         return DatabaseUnavailable(f"{type(orig).__name__}: {detail}")

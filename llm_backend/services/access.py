@@ -379,6 +379,12 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
             "apply per worker, not in total; set REDIS_URL to enforce them exactly",
             settings.web_concurrency,
         )
+    if hasattr(limiter, "settle_retries_total"):
+        resources.metrics.gauge(
+            "llm_backend_limiter_settle_retries_total",
+            "Settles that could not reach Redis at once and were retried in the background.",
+            lambda: limiter.settle_retries_total,  # type: ignore[attr-defined]
+        )
     errors = getattr(limiter, "errors_total", None)
     if errors is not None:
         resources.metrics.gauge(
