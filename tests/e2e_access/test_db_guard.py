@@ -158,3 +158,38 @@ async def test_one_lookup_for_many_concurrent_requests(monkeypatch: pytest.Monke
     assert all(f is not None and f.id == "key_1" for f in found)
     assert store.lookups == 1
     await auth.aclose()
+
+
+class FailingTotals:
+    listeners: list[Any] = []
+
+    def token_totals(self, *args: Any) -> tuple[int, int]:
+        raise DatabaseUnavailable("connection refused")
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_budget_seeding_without_the_request_log(fail_open: bool) -> None:
+    from llm_backend.limits import InMemoryLimiter
+    from llm_backend.services.access import Gate
+    from llm_backend.upstream.router import ModelRoute
+
+    limiter = InMemoryLimiter(seed_budgets=True)
+    gate = Gate(limiter, 10, store=FailingTotals(), guard=DatabaseGuard(1.0), fail_open=fail_open)  # type: ignore[arg-type]
+    caller = Caller(request_id="r", route="/v1/chat/completions", key_id="key_1")
+    caller.limits = KeyLimits(rpm=1, daily_tokens=1000)
+    route: ModelRoute = None  # type: ignore[assignment]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    if not fail_open:
+        with pytest.raises(ServiceUnavailable) as info:
+            await gate(caller, route, body)
+        assert info.value.code == "database_unavailable" and "Retry-After" in info.value.headers
+        return
+    admission = await gate(caller, route, body)  # admitted on its per-minute limit, its tokens counted
+    assert admission is not None
+    await admission.settle(7)
+    from llm_backend.errors import RateLimited
+
+    with pytest.raises(RateLimited):  # the rpm of 1 still holds while the budget cannot be checked
+        await gate(caller, route, body)
+    usage = await limiter.usage("key_1", KeyLimits(daily_tokens=1000))
+    assert usage["daily_tokens"]["used"] == 7

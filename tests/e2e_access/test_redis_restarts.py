@@ -4,22 +4,20 @@ persistence (re-seeded from the request log), and parallel slots come back as so
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
 from llm_backend.db import migrate
 from llm_backend.limits import estimate_tokens
 from tests.conftest import gunicorn_server
 from tests.e2e_access.conftest import ADMIN, assert_openai_error, bearer, table_rows
 from tests.e2e_access.private_services import private_redis, server_env, wait_for
+from tests.e2e_access.test_limits import GatedUpstream
 
 pytestmark = pytest.mark.fault
 
@@ -101,33 +99,6 @@ def test_in_process_budget_holds_for_a_fresh_worker(serve: Any, http: Any, sqlit
     assert refused_after
 
 
-class _Gate:
-    """An OpenAI-compatible upstream whose answers wait until the test opens the gate."""
-
-    def __init__(self, server: HTTPServer) -> None:
-        self.open = threading.Event()
-        self.arrived = 0
-        self._lock = threading.Lock()
-        server.expect_request("/v1/chat/completions", method="POST").respond_with_handler(self._handle)
-        self.url = server.url_for("/v1")
-
-    def _handle(self, request: Request) -> Response:
-        with self._lock:
-            self.arrived += 1
-        self.open.wait(60)
-        body = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "created": 1739000000,
-            "model": "gated",
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-            ],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
-        }
-        return Response(orjson.dumps(body), content_type="application/json")
-
-
 GATED_YAML = """
 models:
   - name: gated
@@ -143,11 +114,11 @@ models:
 def test_parallel_slots_come_back_after_redis_pauses_while_requests_settle(tmp_path: Path) -> None:
     server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
     server.start()
-    gate = _Gate(server)
+    gate = GatedUpstream(server)  # answers wait for gate.release
     db_url = f"sqlite:///{tmp_path / 'slots.db'}"
     migrate.upgrade(db_url)
     config = tmp_path / "gated.yaml"
-    config.write_text(GATED_YAML.format(url=gate.url), encoding="utf-8")
+    config.write_text(GATED_YAML.format(url=server.url_for("/v1")), encoding="utf-8")
     try:
         with private_redis() as redis_server:
             # a lease far longer than the test: the slots can only come back through the settle retries
@@ -171,7 +142,7 @@ def test_parallel_slots_come_back_after_redis_pauses_while_requests_settle(tmp_p
                 assert_openai_error(call(), 429, code="rate_limit_exceeded")  # both slots taken
 
                 redis_server.pause()  # Redis stops answering while the two requests end and settle
-                gate.open.set()
+                gate.release.set()
                 for f in running:
                     assert f.result(timeout=60).status_code == 200
                 time.sleep(2.0)  # a pause of a few seconds
@@ -188,6 +159,6 @@ def test_parallel_slots_come_back_after_redis_pauses_while_requests_settle(tmp_p
                 client.close()
                 pool.shutdown()
     finally:
-        gate.open.set()
+        gate.release.set()
         server.clear()
         server.stop()
