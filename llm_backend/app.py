@@ -22,12 +22,17 @@ from llm_backend.api.docs import DocsMiddleware
 from llm_backend.api.middleware import RequestContextMiddleware
 from llm_backend.api.validation import OpenAIJSONBodyValidator, OpenAIParameterValidator
 from llm_backend.config import Settings
+from llm_backend.db.session import DatabaseUnavailable, unavailable_error
 from llm_backend.errors import GatewayError, error_body, upstream_error_response
 from llm_backend.lifespan import lifespan_for
 from llm_backend.logs import configure_logging
+from llm_backend.logthrottle import LogThrottle
 from llm_backend.upstream.errors import UpstreamError
 
 logger = logging.getLogger(__name__)
+#: An outage makes every request fail the same way: one log line per minute and kind, with a count.
+_errors_log = LogThrottle(logger, 60.0)
+DATABASE_RETRY_AFTER_S = 2
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "openapi"
 if not SPEC_DIR.exists():  # installed without the repository checkout
@@ -112,6 +117,20 @@ def handle_problem(request: ConnexionRequest, exc: Exception) -> ConnexionRespon
     return _response(status, error_body(message, error_type, None, code), headers)
 
 
+def handle_database_unavailable(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    """The database is unreachable or timed out (any route that needs it): 503 with Retry-After."""
+    down = exc if isinstance(exc, DatabaseUnavailable) else unavailable_error(exc)
+    _errors_log.log("database", logging.ERROR, "database unavailable: %s", down)
+    _note_error(request, "database_unavailable")
+    body = error_body(
+        "The database is unreachable; please retry shortly.",
+        "service_unavailable",
+        None,
+        "database_unavailable",
+    )
+    return _response(503, body, {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
 def handle_unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     if isinstance(exc, GatewayError):
         return handle_gateway_error(request, exc)
@@ -119,9 +138,18 @@ def handle_unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionRes
         return handle_upstream_error(request, exc)
     if isinstance(exc, ProblemException | HTTPException):
         return handle_problem(request, exc)
+    if unavailable_error(exc) is not None:  # a driver error that escaped session_scope
+        return handle_database_unavailable(request, exc)
     caller = request.scope.get("state", {}).get("caller")
     rid = caller.request_id if caller is not None else "unknown"
-    logger.error("unhandled error in request %s", rid, exc_info=exc)
+    # the first of a kind with its traceback, then one line per minute with the count
+    _errors_log.log(
+        f"unhandled:{type(exc).__name__}:{str(exc)[:120]}",
+        logging.ERROR,
+        "unhandled error in request %s",
+        rid,
+        exc_info=exc,
+    )
     _note_error(request, "server_error")
     return _response(
         500,
@@ -196,6 +224,7 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
     app.add_error_handler(UpstreamError, handle_upstream_error)
     app.add_error_handler(ProblemException, handle_problem)
     app.add_error_handler(HTTPException, handle_problem)
+    app.add_error_handler(DatabaseUnavailable, handle_database_unavailable)
     app.add_error_handler(Exception, handle_unexpected)
     if settings.cors_allow_origins:
         # added first, so it wraps everything, the request-size refusals included

@@ -158,6 +158,12 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limiter_fail_open: bool = True
+    limiter_lease_s: float = 30.0  # in-flight lease of a request; renewed while it runs
+    db_connect_timeout_s: float = 3.0  # opening a PostgreSQL connection
+    db_statement_timeout_s: float = 5.0  # any statement (PostgreSQL statement_timeout, SQLite busy timeout),
+    # and the deadline of each database call a request waits for (key look-ups, budget seeding)
+    db_pool_timeout_s: float = 5.0  # waiting for a pooled connection
+    key_cache_stale_s: float = 300.0  # a cached key keeps working this long while the database is unreachable
     default_max_tokens: int = 1024
     upstream_http_client: str = "aiohttp"  # aiohttp | httpx
     web_concurrency: int = 1
@@ -193,6 +199,11 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 8 * 1024 * 1024),
             trusted_proxies=_networks(env.get("TRUSTED_PROXIES", "")),
             limiter_fail_open=_bool(env, "LIMITER_FAIL_OPEN", True),
+            limiter_lease_s=_seconds(env, "LIMITER_LEASE_S", 30.0),
+            db_connect_timeout_s=_seconds(env, "DB_CONNECT_TIMEOUT_S", 3.0),
+            db_statement_timeout_s=_seconds(env, "DB_STATEMENT_TIMEOUT_S", 5.0),
+            db_pool_timeout_s=_seconds(env, "DB_POOL_TIMEOUT_S", 5.0),
+            key_cache_stale_s=_seconds(env, "KEY_CACHE_STALE_S", 300.0),
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 1024),
             upstream_http_client=_choice(env, "UPSTREAM_HTTP_CLIENT", "aiohttp", ("aiohttp", "httpx")),
             cors_allow_origins=tuple(_split(env.get("CORS_ALLOW_ORIGINS", "*"))),
@@ -213,6 +224,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(
             f"environment: {name}={raw!r} is not an integer; set it to a whole number"
         ) from None
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"environment: {name}={raw!r} is not a positive number of seconds")
+    return value
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -544,3 +544,22 @@ class ApiKeyRepository:
             .values(last_used_at=when or utcnow())
             .execution_options(synchronize_session=False)
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Budget windows
+
+
+def key_token_totals(
+    session: Session, key_id: str, day_start: datetime, month_start: datetime
+) -> tuple[int, int]:
+    """Tokens a key used since `day_start` and since `month_start` (both UTC, one indexed range scan from the
+    earlier of the two): what the limiter's budget counters are re-seeded from after they were lost."""
+    since = min(day_start, month_start)
+    total = RequestLog.total_tokens
+    stmt = sa.select(
+        sa.func.coalesce(sa.func.sum(sa.case((RequestLog.created_at >= day_start, total), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((RequestLog.created_at >= month_start, total), else_=0)), 0),
+    ).where(RequestLog.key_id == key_id, RequestLog.created_at >= since)
+    day, month = session.execute(stmt).one()
+    return int(day or 0), int(month or 0)
