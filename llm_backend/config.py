@@ -51,6 +51,12 @@ ENV_VARS = (
     "AZURE_CLIENT_ID",
     "AZURE_TENANT_ID",
     "AZURE_FEDERATED_TOKEN_FILE",
+    "METRICS_TOKEN",
+    # the connection guard (llm_backend/server.py)
+    "HEADER_TIMEOUT",
+    "BODY_TIMEOUT",
+    "MAX_HEADER_BYTES",
+    "MAX_CONNECTIONS",
 )
 
 PROVIDERS = ("azure", "openai", "mock")
@@ -145,6 +151,7 @@ class Settings:
     database_url: str = "sqlite:///./llm_backend.db"
     redis_url: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)  # GET /metrics needs it as a bearer token
     auth: str = "keys"  # keys | none
     recording: bool = True
     record_content: bool = True
@@ -177,6 +184,7 @@ class Settings:
             database_url=env.get("DATABASE_URL") or "sqlite:///./llm_backend.db",
             redis_url=env.get("REDIS_URL") or None,
             admin_key=env.get("LLM_BACKEND_ADMIN_KEY") or None,
+            metrics_token=env.get("METRICS_TOKEN") or None,
             auth=_choice(env, "LLM_BACKEND_AUTH", "keys", ("keys", "none")),
             recording=_bool(env, "LLM_BACKEND_RECORDING", True),
             record_content=_bool(env, "RECORD_CONTENT", True),

@@ -55,5 +55,16 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level if level in logging._nameToLevel else "INFO")
     # the SDK's and HTTP clients' request logs would repeat what our access line says (and headers)
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "uvicorn.access", "alembic", "azure"):
+    # (connexion.security: one line per refused key, which a flood of junk would turn into a flood of lines)
+    for noisy in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+        "openai",
+        "uvicorn.access",
+        "alembic",
+        "azure",
+        "connexion.security",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)

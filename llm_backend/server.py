@@ -47,10 +47,10 @@ class ServerLimits:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerLimits:
         env = os.environ if env is None else env
         return cls(
-            header_timeout=_positive(env, "HEADER_TIMEOUT", cls.header_timeout),
-            body_timeout=_positive(env, "BODY_TIMEOUT", cls.body_timeout),
-            max_header_bytes=int(_positive(env, "MAX_HEADER_BYTES", cls.max_header_bytes, whole=True)),
-            max_connections=int(_positive(env, "MAX_CONNECTIONS", cls.max_connections, whole=True)),
+            header_timeout=_env_number(env, "HEADER_TIMEOUT", cls.header_timeout),
+            body_timeout=_env_number(env, "BODY_TIMEOUT", cls.body_timeout),
+            max_header_bytes=int(_env_number(env, "MAX_HEADER_BYTES", cls.max_header_bytes, whole=True)),
+            max_connections=int(_env_number(env, "MAX_CONNECTIONS", cls.max_connections, whole=True)),
         )
 
     def fitted_to_fd_limit(self, fd_limit: int) -> ServerLimits:
@@ -68,7 +68,7 @@ class ServerLimits:
         return ServerLimits(self.header_timeout, self.body_timeout, self.max_header_bytes, room)
 
 
-def _positive(env: Mapping[str, str], name: str, default: float, *, whole: bool = False) -> float:
+def _env_number(env: Mapping[str, str], name: str, default: float, *, whole: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -162,8 +162,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     one does not); only when every connection is busy with a request is the newcomer refused (503)."""
 
     limits: ClassVar[ServerLimits] = ServerLimits()
+    configured: ClassVar[bool] = False
+
+    @classmethod
+    def configure(cls, env: Mapping[str, str] | None = None) -> None:
+        """Read the limits from the environment (once per process), after raising the fd limit."""
+        cls.limits = ServerLimits.from_env(env).fitted_to_fd_limit(raise_fd_limit())
+        cls.configured = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if (
+            not self.configured
+        ):  # served by plain uvicorn (--http llm_backend.server:GuardedHttpToolsProtocol)
+            self.configure()
         super().__init__(*args, **kwargs)
         registry = _registries.get(self.server_state)
         if registry is None:
@@ -354,5 +365,4 @@ class Worker(UvicornWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        fd_limit = raise_fd_limit()
-        GuardedHttpToolsProtocol.limits = ServerLimits.from_env().fitted_to_fd_limit(fd_limit)
+        GuardedHttpToolsProtocol.configure()
