@@ -42,6 +42,7 @@ format:
 
 bench:
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench --streams 10000
 
 # --- deployment (Dockerfile, k8s/, Tiltfile; see deploy/) ---
 IMAGE ?= llm-backend:dev

@@ -60,6 +60,7 @@ ENV_VARS = (
 )
 
 PROVIDERS = ("azure", "openai", "mock")
+DEFAULT_MAX_CONNECTIONS = 10_000
 STRATEGIES = ("priority", "weighted", "least_busy", "lowest_latency")
 AUTH_METHODS = ("api_key", "entra_id")
 FAILOVER_CONDITIONS = ("connect", "timeout", "429", "5xx")
@@ -102,6 +103,8 @@ class BackendConfig:
     weight: float = 1.0
     timeout: Timeouts = field(default_factory=Timeouts)
     max_parallel: int | None = None
+    # open connections to this upstream per worker (each stream holds one); more requests wait for one
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     # mock only: delay between streamed tokens, in milliseconds
     delay_ms: float = 20.0
 
@@ -381,6 +384,7 @@ _BACKEND_KEYS = {
     "weight",
     "timeout",
     "max_parallel",
+    "max_connections",
     "delay_ms",
 }
 
@@ -549,6 +553,12 @@ def _parse_backend(
         not isinstance(max_parallel, int) or isinstance(max_parallel, bool) or max_parallel < 1
     ):
         raise ConfigError(f"{source}: {where}.max_parallel: expected a whole number >= 1")
+    max_connections = raw.get("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if not isinstance(max_connections, int) or isinstance(max_connections, bool) or max_connections < 1:
+        raise ConfigError(
+            f"{source}: {where}.max_connections: expected a whole number >= 1 "
+            f"(connections to this upstream per worker; default {DEFAULT_MAX_CONNECTIONS})"
+        )
     priority = raw.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise ConfigError(f"{source}: {where}.priority: expected a whole number (lower is tried first)")
@@ -568,6 +578,7 @@ def _parse_backend(
         weight=_number(raw.get("weight", 1), f"{where}.weight", source, minimum=0.0),
         timeout=_parse_timeout(raw.get("timeout"), f"{where}.timeout", source),
         max_parallel=max_parallel,
+        max_connections=max_connections,
         delay_ms=_number(raw.get("delay_ms", 20), f"{where}.delay_ms", source),
     )
 
