@@ -42,6 +42,7 @@ def raise_fd_limit() -> int:
 
 @dataclass
 class Results:
+    connect_ms: list[float] = field(default_factory=list)  # TCP connect of each new stream
     ttfb_ms: list[float] = field(default_factory=list)  # first byte of each new stream
     late_ttfb_ms: list[float] = field(default_factory=list)  # ... of the streams opened when most were held
     short_ms: dict[str, list[float]] = field(default_factory=lambda: {"ramp": [], "hold": [], "after": []})
@@ -69,6 +70,7 @@ async def one_stream(host: str, port: int, res: Results, late: bool) -> None:
     except OSError:
         res.error("connect")
         return
+    res.connect_ms.append((time.perf_counter() - started) * 1000)
     res.open_now += 1
     res.peak_open = max(res.peak_open, res.open_now)
     try:
@@ -90,8 +92,8 @@ async def one_stream(host: str, port: int, res: Results, late: bool) -> None:
                 return
             seen = seen[-64:] + chunk
         res.completed += 1
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        res.error("connection")
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        res.error(f"connection: {type(exc).__name__}")
     finally:
         res.open_now -= 1
         writer.close()
@@ -234,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop(gateway, timeout=15)
             procs.stop(upstream)
-            tail = gateway_log.read_text(errors="replace")[-2000:]
+            text = gateway_log.read_text(errors="replace")
+            tail = text[-2000:]
+            notable = [line for line in text.splitlines() if "garbage" in line or "ERROR" in line][-20:]
     out: dict[str, Any] = {
         "streams": streams,
         "interval_ms": args.interval_ms,
@@ -245,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         "completed": res.completed,
         "errors": res.errors,
         "rss": rss.summary(),
+        "connect_ms": summary(res.connect_ms),
         "ttfb_ms": summary(res.ttfb_ms),
         "ttfb_last_10pct_ms": summary(res.late_ttfb_ms),
         "short_ms": {k: summary(v) for k, v in res.short_ms.items()},
+        "gateway_log": notable,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")

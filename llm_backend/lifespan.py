@@ -174,6 +174,39 @@ def tune_gc() -> None:
 
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, 20_000), max(gen1, 20), max(gen2, 20))
+    if _gc_pauses.observe not in gc.callbacks:
+        gc.callbacks.append(_gc_pauses.observe)
+
+
+class GcPauses:
+    """Times the collector's full (generation 2) collections: they stop the event loop for as long as they
+    walk every live object, so thousands of held streams make them long; slow ones are logged (throttled)."""
+
+    def __init__(self, slow: float = 0.1) -> None:
+        self.slow = slow
+        self.full = 0
+        self.longest = 0.0
+        self.total = 0.0
+        self._started = 0.0
+        self._throttle = LogThrottle(logger, interval=60.0)
+
+    def observe(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        self.full += 1
+        self.total += took
+        self.longest = max(self.longest, took)
+        if took >= self.slow:
+            self._throttle.log(
+                "gc", logging.WARNING, "a full garbage collection paused the worker for %.0f ms", took * 1000
+            )
+
+
+_gc_pauses = GcPauses()
 
 
 def lifespan_for(
