@@ -152,7 +152,8 @@ def measure_target(url: str, headers: dict[str, str], args: argparse.Namespace, 
     return points
 
 
-def gateway_env(tmp: Path, port: int, config: Path, variant: Variant) -> dict[str, str]:
+def gateway_env(tmp: Path, port: int, config: Path, variant: Variant | None = None) -> dict[str, str]:
+    """The gateway's environment: one worker on `port`, the models file, no auth, SQLite in `tmp`."""
     env = dict(os.environ)
     env.update(
         {
@@ -168,7 +169,8 @@ def gateway_env(tmp: Path, port: int, config: Path, variant: Variant) -> dict[st
             "PYTHONUNBUFFERED": "1",
         }
     )
-    env.update(variant.env)
+    if variant is not None:
+        env.update(variant.env)
     return env
 
 

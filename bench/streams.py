@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.harness import RESULTS, write_config
+from bench.harness import RESULTS, gateway_env, write_config
 from bench.loadgen import percentile, request_body
 from bench.upstream import run
 
@@ -204,19 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         backend_connections = args.backend_connections or streams + 100
         config.write_text(config.read_text() + f"          max_connections: {backend_connections}\n")
         port = procs.free_port()
-        env = {
-            **os.environ,
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "WEB_CONCURRENCY": "1",
-            "LOG_LEVEL": "warning",
-            "LLM_BACKEND_CONFIG": str(config),
-            "LLM_BACKEND_AUTH": "none",
-            "DATABASE_URL": f"sqlite:///{tmp}/bench.db",
-            "LLM_BACKEND_DATA_DIR": str(tmp),
-            "GRACEFUL_TIMEOUT": "5",
-            "MAX_CONNECTIONS": str(streams + 50),
-        }
+        env = {**gateway_env(tmp, port, config), "MAX_CONNECTIONS": str(streams + 50)}
         bin_dir = Path(sys.executable).parent
         procs.spawn([str(bin_dir / "llm-backend"), "migrate"], env=env).wait(60)
         gateway_log = tmp / "gateway.log"
