@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop(upstream)
             text = gateway_log.read_text(errors="replace")
             tail = text[-2000:]
-            notable = [line for line in text.splitlines() if "garbage" in line or "ERROR" in line][-20:]
+            notable = [line for line in text.splitlines() if "WARNING" in line or "ERROR" in line][-20:]
     out: dict[str, Any] = {
         "streams": streams,
         "interval_ms": args.interval_ms,
