@@ -52,6 +52,7 @@ format: ## reformat and autofix with ruff
 
 bench: ## benchmark: the upstream directly vs through llm-backend
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench --streams 10000
 
 # --- deployment (Dockerfile, k8s/, Tiltfile; see deploy/) ---
 IMAGE ?= llm-backend:dev

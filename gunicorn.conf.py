@@ -8,7 +8,9 @@ port = int(os.environ.get("PORT", "8080"))
 bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
 workers = int(os.environ.get("WEB_CONCURRENCY", str(min(multiprocessing.cpu_count(), 4))))
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn's worker (uvloop + httptools) with deadlines for request heads and bodies, a cap on header size and
+# on open connections (HEADER_TIMEOUT, BODY_TIMEOUT, MAX_HEADER_BYTES, MAX_CONNECTIONS; see llm_backend/server.py)
+worker_class = "llm_backend.server.Worker"
 
 # Streams of long completions can run for minutes: the worker timeout only guards against hung workers
 # (uvicorn workers heartbeat from their event loop), and graceful_timeout bounds how long a SIGTERM waits
@@ -40,9 +42,14 @@ def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
 
     from llm_backend.config import ConfigError, Settings
     from llm_backend.logs import report_config_error
+    from llm_backend.server import ServerConfigError, ServerLimits
 
     try:
         Settings.from_env()
+        ServerLimits.from_env()
     except ConfigError as exc:
         report_config_error(exc.problems)  # every problem, one line each (JSON under LOG_FORMAT=json)
+        sys.exit(2)
+    except ServerConfigError as exc:
+        report_config_error([str(exc)])
         sys.exit(2)

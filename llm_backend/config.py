@@ -52,9 +52,16 @@ ENV_VARS = (
     "AZURE_CLIENT_ID",
     "AZURE_TENANT_ID",
     "AZURE_FEDERATED_TOKEN_FILE",
+    "METRICS_TOKEN",
+    # the connection guard (llm_backend/server.py)
+    "HEADER_TIMEOUT",
+    "BODY_TIMEOUT",
+    "MAX_HEADER_BYTES",
+    "MAX_CONNECTIONS",
 )
 
 PROVIDERS = ("azure", "openai", "mock")
+DEFAULT_MAX_CONNECTIONS = 10_000
 STRATEGIES = ("priority", "weighted", "least_busy", "lowest_latency")
 AUTH_METHODS = ("api_key", "entra_id")
 FAILOVER_CONDITIONS = ("connect", "timeout", "429", "5xx")
@@ -102,6 +109,8 @@ class BackendConfig:
     weight: float = 1.0
     timeout: Timeouts = field(default_factory=Timeouts)
     max_parallel: int | None = None
+    # open connections to this upstream per worker (each stream holds one); more requests wait for one
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     # mock only: delay between streamed tokens, in milliseconds
     delay_ms: float = 20.0
 
@@ -151,6 +160,7 @@ class Settings:
     database_url: str = "sqlite:///./llm_backend.db"
     redis_url: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)  # GET /metrics needs it as a bearer token
     auth: str = "keys"  # keys | none
     recording: bool = True
     record_content: bool = True
@@ -192,6 +202,7 @@ class Settings:
             database_url=env.get("DATABASE_URL") or "sqlite:///./llm_backend.db",
             redis_url=env.get("REDIS_URL") or None,
             admin_key=env.get("LLM_BACKEND_ADMIN_KEY") or None,
+            metrics_token=env.get("METRICS_TOKEN") or None,
             auth=_choice(env, "LLM_BACKEND_AUTH", "keys", ("keys", "none")),
             recording=_bool(env, "LLM_BACKEND_RECORDING", True),
             record_content=_bool(env, "RECORD_CONTENT", True),
@@ -468,6 +479,7 @@ _BACKEND_KEYS = {
     "weight",
     "timeout",
     "max_parallel",
+    "max_connections",
     "delay_ms",
 }
 
@@ -680,6 +692,14 @@ def _parse_backend(
     max_parallel = raw.get("max_parallel")
     if max_parallel is not None:
         max_parallel = _whole(max_parallel, f"{where}.max_parallel", p, minimum=1, default=1)
+    # connections to this upstream per worker
+    max_connections = _whole(
+        raw.get("max_connections", DEFAULT_MAX_CONNECTIONS),
+        f"{where}.max_connections",
+        p,
+        minimum=1,
+        default=DEFAULT_MAX_CONNECTIONS,
+    )
     priority = raw.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         p.add(f"{where}.priority", "expected a whole number (lower is tried first)")
@@ -704,6 +724,7 @@ def _parse_backend(
         weight=weight,
         timeout=timeout,
         max_parallel=max_parallel,
+        max_connections=max_connections,
         delay_ms=delay_ms,
     )
 

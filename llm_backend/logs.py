@@ -18,7 +18,18 @@ from typing import Any, TextIO
 import orjson
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-_QUIET = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "uvicorn.access", "alembic", "azure")
+# connexion.security logs one line per refused key, which a flood of junk would turn into a flood of lines
+_QUIET = (
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "httpcore2",
+    "openai",
+    "uvicorn.access",
+    "alembic",
+    "azure",
+    "connexion.security",
+)
 logger = logging.getLogger(__name__)
 
 

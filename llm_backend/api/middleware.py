@@ -212,12 +212,13 @@ class RequestContextMiddleware:
 
     def _log(self, scope: Scope, caller: Caller, status: int) -> None:
         on_done = scope.get("state", {}).get("on_request_done")
+        quiet = False  # the hook sums up refusals of junk in one line per interval instead
         if on_done is not None:
             try:
-                on_done(caller, status, scope["state"])
+                quiet = bool(on_done(caller, status, scope["state"]))
             except Exception:
                 logger.exception("request-completion hook failed")
-        if not logger.isEnabledFor(logging.INFO):
+        if quiet or not logger.isEnabledFor(logging.INFO):
             return
         latency = (time.perf_counter() - caller.started) * 1000
         fields: dict[str, Any] = {
