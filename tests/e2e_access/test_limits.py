@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -113,14 +114,23 @@ async def wait_until(predicate: Any, timeout: float = 20.0) -> None:
 
 class LimiterClock:
     """Makes the app's limiter see time moved forward: the in-process one through its clock, the Redis one
-    through its time offset (a test hook of RedisLimiter). Windows pass without sleeping."""
+    through its time offset (a test hook of RedisLimiter). Windows pass without sleeping.
+
+    The in-process limiter's clock also stands still between `advance` calls, so its buckets drain only when
+    the test says so, however slow the machine. Redis keeps its own TIME: `drift()` bounds how far it may
+    have moved on by itself since the test began (0 for the in-process limiter)."""
 
     def __init__(self) -> None:
         self.offset = 0.0
+        self.frozen: float | None = time.time()
+        self.started = time.monotonic()
         self.limiters: list[Any] = []
 
     def now(self) -> float:
-        return time.time() + self.offset
+        return (time.time() if self.frozen is None else self.frozen) + self.offset
+
+    def drift(self) -> float:
+        return 0.0 if self.frozen is not None else time.monotonic() - self.started
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
@@ -135,7 +145,9 @@ def limiter_clock(monkeypatch: pytest.MonkeyPatch) -> LimiterClock:
     real = access.make_limiter
 
     def make_limiter(redis_url: str | None, *, fail_open: bool, **options: Any) -> Any:
-        if not redis_url:
+        if redis_url:
+            clock.frozen = None  # Redis TIME runs on
+        else:
             options["clock"] = clock.now
         limiter = real(redis_url, fail_open=fail_open, **options)
         clock.limiters.append(limiter)
@@ -331,7 +343,7 @@ async def test_budget_spent_is_insufficient_quota_until_the_period_ends(
 # -- headers and windows ----------------------------------------------------------------------------------
 
 
-def test_rate_limit_headers_on_answers_streams_and_429s(serve, http, limiter_redis_url):
+def test_rate_limit_headers_on_answers_streams_and_429s(serve, http, limiter_redis_url, limiter_clock):
     url = serve(redis_url=limiter_redis_url)
     c = http(url)
     rpm, tpm = 4, 10_000
@@ -342,27 +354,31 @@ def test_rate_limit_headers_on_answers_streams_and_429s(serve, http, limiter_red
     for i in range(1, rpm + 1):
         stream = i == rpm
         r = c.post(CHAT, json={**body, "stream": stream}, headers=bearer(key))
+        # what the buckets may have drained by themselves by now (nothing on the in-process limiter's clock)
+        drift = limiter_clock.drift()
+        assert drift < 60 / rpm, f"the requests took {drift:.1f}s: a whole request drained, bounds below fail"
         assert r.status_code == 200, r.text
         assert rate_headers(r, "requests")[:2] == (rpm, rpm - i)
         reset_requests = rate_headers(r, "requests")[2]
-        assert i * 60 / rpm - 2 <= reset_requests <= i * 60 / rpm  # the bucket drains as time passes
+        assert i * 60 / rpm - 2 - drift <= reset_requests <= i * 60 / rpm  # the bucket drains as time passes
         limit, remaining, reset_tokens = rate_headers(r, "tokens")
         assert limit == tpm
         level = settled + reserve  # earlier requests settled to their usage, this one still reserved
-        assert tpm - level <= remaining <= tpm - level + 2
-        assert level * 60 / tpm - 2 <= reset_tokens <= level * 60 / tpm
+        assert tpm - level <= remaining <= tpm - level + 2 + drift * tpm / 60
+        assert level * 60 / tpm - 2 - drift <= reset_tokens <= level * 60 / tpm + 0.001  # the header has ms
         if stream:
             assert r.headers["content-type"].startswith("text/event-stream")
         else:
             settled += r.json()["usage"]["total_tokens"]
     refused = c.post(CHAT, json=body, headers=bearer(key))
+    drift = limiter_clock.drift()
     assert_openai_error(refused, 429, code="rate_limit_exceeded")
     assert rate_headers(refused, "requests")[:2] == (rpm, 0)
     assert rate_headers(refused, "tokens")[0] == tpm
     # full bucket of 4: one request drains in 60/4 = 15 s, the whole bucket in 60 s
     reset = rate_headers(refused, "requests")[2]
-    assert 58 <= reset <= 60
-    assert 14 <= retry_after(refused) <= 15
+    assert 58 - drift <= reset <= 60
+    assert ceil_s(14 - drift) <= retry_after(refused) <= 15
     assert retry_after(refused) == ceil_s(reset - (rpm - 1) * 60 / rpm)
 
 
@@ -373,12 +389,16 @@ def test_rpm_window_resets(serve, http, limiter_redis_url, limiter_clock):
     assert [c.post(CHAT, json=chat(), headers=bearer(key)).status_code for _ in range(2)] == [200, 200]
     refused = c.post(CHAT, json=chat(), headers=bearer(key))
     assert_openai_error(refused, 429, code="rate_limit_exceeded")
-    assert retry_after(refused) in (29, 30)  # 60 s / 2 requests
-    limiter_clock.advance(retry_after(refused) - 1.5)
+    wait = retry_after(refused)
+    assert ceil_s(30 - limiter_clock.drift()) <= wait <= 30  # 60 s / 2 requests (exactly 30 on a still clock)
+    # just before the wait is over the key is still refused; Redis's own clock runs on meanwhile, so there
+    # the test stops further before the end
+    margin = 1.5 if limiter_redis_url is None else 10.0
+    limiter_clock.advance(wait - margin)
     early = c.post(CHAT, json=chat(), headers=bearer(key))
     assert_openai_error(early, 429, code="rate_limit_exceeded")
-    assert retry_after(early) in (1, 2)
-    limiter_clock.advance(2)
+    assert ceil_s(margin - 1 - limiter_clock.drift()) <= retry_after(early) <= math.ceil(margin)
+    limiter_clock.advance(margin + 0.5)
     again = c.post(CHAT, json=chat(), headers=bearer(key))
     assert again.status_code == 200, again.text
     assert rate_headers(again, "requests")[1] == 0
@@ -386,7 +406,7 @@ def test_rpm_window_resets(serve, http, limiter_redis_url, limiter_clock):
     fresh = c.post(CHAT, json=chat(), headers=bearer(key))
     assert fresh.status_code == 200
     limit, remaining, reset = rate_headers(fresh, "requests")
-    assert (limit, remaining) == (2, 1) and 29 <= reset <= 30
+    assert (limit, remaining) == (2, 1) and 29 - limiter_clock.drift() <= reset <= 30
     assert c.post(CHAT, json=chat(), headers=bearer(key)).status_code == 200
     assert c.post(CHAT, json=chat(), headers=bearer(key)).status_code == 429
 
