@@ -15,6 +15,8 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -r requirements-dev.txt
 	$(BIN)/pip install --no-deps -e .
+	test -x .venv-clients/bin/python || $(PYTHON) -m venv .venv-clients
+	.venv-clients/bin/pip install -q -r requirements-clients.txt
 
 # The demo: the built-in mock model, a local SQLite database, no Azure account needed. Key checking is off
 # unless LLM_BACKEND_AUTH=keys is set; the server listens on 127.0.0.1 only unless HOST says otherwise.
@@ -67,7 +69,7 @@ check-deploy:
 	$(BIN)/pytest -q tests/deploy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-clients .pytest_cache .mypy_cache .ruff_cache
 
 # The real-browser test: Debian's chromium driven by playwright-core (installed by tests/ui/install.sh).
 ui-test:
