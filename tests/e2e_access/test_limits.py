@@ -260,8 +260,14 @@ async def test_parallel_slot_of_a_stream_is_held_until_it_ends(serve, http, limi
             assert_openai_error(busy, 429, code="rate_limit_exceeded")
             body = b"".join([part async for part in first.aiter_bytes()])
         assert body.rstrip().endswith(b"data: [DONE]")
-        await asyncio.sleep(0.05)
-        free = await c.post(CHAT, json=chat("slow"), headers=bearer(key))
+        # the server frees the slot as the stream's last bytes go out: wait for that, however slow it is here
+        deadline = time.monotonic() + 30
+        while True:
+            free = await c.post(CHAT, json=chat("slow"), headers=bearer(key))
+            if free.status_code != 429 or time.monotonic() > deadline:
+                break
+            assert_openai_error(free, 429, code="rate_limit_exceeded")
+            await asyncio.sleep(0.05)
         assert free.status_code == 200, free.text
 
 
@@ -497,7 +503,8 @@ async def test_parallel_slot_and_tokens_come_back_after_failures_and_disconnects
             assert r.status_code == 200
             async for _ in r.aiter_bytes():
                 break
-    for _ in range(50):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         r = c.post(CHAT, json=body, headers=bearer(key))
         if r.status_code == 200:
             break
