@@ -81,23 +81,24 @@ def gateway(make_settings: Any, tmp_path: Path, httpserver: HTTPServer) -> Itera
         yield url, r.json()["key"]
 
 
-def run_client(url: str, key: str) -> dict[str, Any]:
+def client_run(url: str, key: str) -> subprocess.CompletedProcess[str]:
+    """The client script in .venv-clients, offline: anything but llm-backend goes to a closed port, so a
+    download at import or first use fails."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
         "LLM_BACKEND_KEY": key,
-        # offline: anything but llm-backend goes to a closed port, so a download at import or first use fails
         "HTTP_PROXY": "http://127.0.0.1:9",
         "HTTPS_PROXY": "http://127.0.0.1:9",
         "NO_PROXY": "127.0.0.1,localhost",
     }
-    done = subprocess.run(
-        [str(CLIENTS_PYTHON), str(SCRIPT), url, *MODELS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return subprocess.run(
+        [str(CLIENTS_PYTHON), str(SCRIPT), url, *MODELS], env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def run_client(url: str, key: str) -> dict[str, Any]:
+    done = client_run(url, key)
     assert done.returncode == 0, done.stderr[-5000:]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -136,13 +137,6 @@ def test_llamaindex_openai_azure_and_embeddings_work_unchanged(
 
 def test_a_wrong_key_is_refused_through_llamaindex(gateway: tuple[str, str]):
     url, _ = gateway
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LLM_BACKEND_KEY": "sk-llmb-" + "x" * 43}
-    done = subprocess.run(
-        [str(CLIENTS_PYTHON), str(SCRIPT), url, *MODELS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = client_run(url, "sk-llmb-" + "x" * 43)
     assert done.returncode != 0
     assert "AuthenticationError" in done.stderr and "invalid_api_key" in done.stderr, done.stderr[-3000:]
