@@ -160,11 +160,15 @@ def limiter_clock(monkeypatch: pytest.MonkeyPatch) -> LimiterClock:
 # -- RPM --------------------------------------------------------------------------------------------------
 
 
-async def test_200_concurrent_requests_on_rpm_10_exactly_10_succeed(serve, http, limiter_redis_url):
+async def test_200_concurrent_requests_on_rpm_10_exactly_10_succeed(
+    serve, http, limiter_redis_url, limiter_clock
+):
     url = serve(redis_url=limiter_redis_url)
     key = create_key(http(url), rpm=10)["key"]
     async with async_client(url) as c:
         answers = await asyncio.gather(*(c.post(CHAT, json=chat(), headers=bearer(key)) for _ in range(200)))
+    # one request drains from the bucket every 6 s: on Redis's running clock the burst must be over by then
+    assert limiter_clock.drift() < 6, f"the burst took {limiter_clock.drift():.1f}s"
     ok = [r for r in answers if r.status_code == 200]
     limited = [r for r in answers if r.status_code == 429]
     assert len(ok) == 10 and len(limited) == 190, sorted({r.status_code for r in answers})
@@ -178,7 +182,7 @@ async def test_200_concurrent_requests_on_rpm_10_exactly_10_succeed(serve, http,
         assert retry_after(r) <= ceil_s(reset)
 
 
-async def test_async_openai_sdk_gets_rate_limit_errors(serve, http, limiter_redis_url):
+async def test_async_openai_sdk_gets_rate_limit_errors(serve, http, limiter_redis_url, limiter_clock):
     url = serve(redis_url=limiter_redis_url)
     key = create_key(http(url), rpm=5)["key"]
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
@@ -190,6 +194,9 @@ async def test_async_openai_sdk_gets_rate_limit_errors(serve, http, limiter_redi
     finally:
         await client.close()
     errors = [r for r in results if isinstance(r, BaseException)]
+    assert limiter_clock.drift() < 12, (
+        f"the burst took {limiter_clock.drift():.1f}s (a request drains in 12 s)"
+    )
     assert len(results) - len(errors) == 5
     assert all(isinstance(e, openai.RateLimitError) for e in errors), {type(e) for e in errors}
     assert {e.code for e in errors} == {"rate_limit_exceeded"}
@@ -199,7 +206,9 @@ async def test_async_openai_sdk_gets_rate_limit_errors(serve, http, limiter_redi
 # -- TPM and parallel slots -------------------------------------------------------------------------------
 
 
-async def test_tpm_reserves_tokens_of_requests_in_flight(serve, http, limiter_redis_url, gated):
+async def test_tpm_reserves_tokens_of_requests_in_flight(
+    serve, http, limiter_redis_url, gated, limiter_clock
+):
     body = chat("gated", max_tokens=100)
     reserve = reservation(body)
     tpm = 3 * reserve + reserve // 2  # room for three reservations in flight, not four
@@ -219,14 +228,15 @@ async def test_tpm_reserves_tokens_of_requests_in_flight(serve, http, limiter_re
             assert limit == tpm and remaining < reserve and reset > 0
             # 3.5 reservations fit, 4 are needed: half a reservation must drain (60 s for the whole tpm)
             expected = (4 * reserve - tpm) * 60 / tpm
-            assert ceil_s(expected) - 1 <= retry_after(r) <= ceil_s(expected)
+            assert ceil_s(expected - limiter_clock.drift()) - 1 <= retry_after(r) <= ceil_s(expected)
         assert sorted(r.status_code for r in answers) == [200] * 3 + [429] * 9
 
         # settled with the real usage (20 tokens each): the reservations are refunded, room again
         after = await c.post(CHAT, json=body, headers=bearer(key))
         assert after.status_code == 200, after.text
         limit, remaining, _ = rate_headers(after, "tokens")
-        assert remaining <= tpm - 3 * GatedUpstream.USAGE["total_tokens"] - reserve
+        drained = limiter_clock.drift() * tpm / 60  # what refilled meanwhile (nothing on a still clock)
+        assert remaining <= tpm - 3 * GatedUpstream.USAGE["total_tokens"] - reserve + drained
         assert remaining >= tpm - 3 * GatedUpstream.USAGE["total_tokens"] - reserve - 2
 
 

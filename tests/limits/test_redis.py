@@ -30,7 +30,7 @@ from llm_backend.limits.redis import RedisLimiter
 async def main(url, prefix, key_id, start, count):
     # an hour's window: 10 requests drain in 6 minutes, so however late either process starts, the 200
     # attempts share one full bucket
-    limiter = RedisLimiter(url, prefix=prefix, fail_open=False, window_s=3600)
+    limiter = RedisLimiter(url, prefix=prefix, fail_open=False, window_s=3600, timeout_s=30, pool_timeout_s=60)
     limits = KeyLimits(rpm=10, max_parallel=100)
     await limiter.usage(key_id, limits)  # connect and load the scripts before the start
     await asyncio.sleep(max(0.0, start - time.time()))
