@@ -132,6 +132,10 @@ class LimiterClock:
     def drift(self) -> float:
         return 0.0 if self.frozen is not None else time.monotonic() - self.started
 
+    def mark(self) -> None:
+        """Count drift from now on (call it right before the requests whose bounds use it)."""
+        self.started = time.monotonic()
+
     def advance(self, seconds: float) -> None:
         self.offset += seconds
         for limiter in self.limiters:
@@ -166,13 +170,21 @@ async def test_200_concurrent_requests_on_rpm_10_exactly_10_succeed(
     url = serve(redis_url=limiter_redis_url)
     key = create_key(http(url), rpm=10)["key"]
     async with async_client(url) as c:
+        limiter_clock.mark()
         answers = await asyncio.gather(*(c.post(CHAT, json=chat(), headers=bearer(key)) for _ in range(200)))
-    # one request drains from the bucket every 6 s: on Redis's running clock the burst must be over by then
-    assert limiter_clock.drift() < 6, f"the burst took {limiter_clock.drift():.1f}s"
+    # one request drains from the bucket every 6 s: on Redis's running clock a burst that takes longer here
+    # may let that many more through (on the in-process limiter's still clock: none)
+    extra = math.floor(limiter_clock.drift() / 6)
     ok = [r for r in answers if r.status_code == 200]
     limited = [r for r in answers if r.status_code == 429]
-    assert len(ok) == 10 and len(limited) == 190, sorted({r.status_code for r in answers})
-    assert sorted(rate_headers(r, "requests")[1] for r in ok) == list(range(10))
+    assert 10 <= len(ok) <= 10 + extra and len(ok) + len(limited) == 200, sorted(
+        {r.status_code for r in answers}
+    )
+    remaining = sorted(rate_headers(r, "requests")[1] for r in ok)
+    if extra == 0:
+        assert remaining == list(range(10))
+    else:
+        assert set(remaining) == set(range(10)), remaining
     for r in limited:
         assert_openai_error(r, 429, code="rate_limit_exceeded", type_="rate_limit_error")
         limit, remaining, reset = rate_headers(r, "requests")
@@ -186,6 +198,7 @@ async def test_async_openai_sdk_gets_rate_limit_errors(serve, http, limiter_redi
     url = serve(redis_url=limiter_redis_url)
     key = create_key(http(url), rpm=5)["key"]
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    limiter_clock.mark()
     try:
         results = await asyncio.gather(
             *(client.chat.completions.create(model="m", messages=MESSAGES) for _ in range(30)),
@@ -194,10 +207,8 @@ async def test_async_openai_sdk_gets_rate_limit_errors(serve, http, limiter_redi
     finally:
         await client.close()
     errors = [r for r in results if isinstance(r, BaseException)]
-    assert limiter_clock.drift() < 12, (
-        f"the burst took {limiter_clock.drift():.1f}s (a request drains in 12 s)"
-    )
-    assert len(results) - len(errors) == 5
+    extra = math.floor(limiter_clock.drift() / 12)  # a request drains every 12 s (none on a still clock)
+    assert 5 <= len(results) - len(errors) <= 5 + extra
     assert all(isinstance(e, openai.RateLimitError) for e in errors), {type(e) for e in errors}
     assert {e.code for e in errors} == {"rate_limit_exceeded"}
     assert all(e.response.headers["retry-after"].isdigit() for e in errors)
@@ -367,6 +378,7 @@ def test_rate_limit_headers_on_answers_streams_and_429s(serve, http, limiter_red
     body = chat(max_tokens=50)
     reserve = reservation(body)
     settled = 0
+    limiter_clock.mark()
     for i in range(1, rpm + 1):
         stream = i == rpm
         r = c.post(CHAT, json={**body, "stream": stream}, headers=bearer(key))
