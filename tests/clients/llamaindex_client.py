@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import llama_index.core
+import openai
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.utils import get_tokenizer
 from llama_index.embeddings.openai import OpenAIEmbedding
@@ -66,6 +67,14 @@ def main() -> None:
     instruct = OpenAI(model=COMPLETION_MODEL, api_base=f"{BASE}/v1", api_key=KEY, max_retries=0)
     out["legacy_complete"] = instruct.complete("Say hello").text  # /v1/completions, max_tokens from tiktoken
     out["gpt_4o_tokens"] = len(llm._tokenizer.encode("Hello, world")) if llm._tokenizer else 0
+
+    # a wrong key: the SDK's own error, with our OpenAI-shaped body
+    wrong = OpenAI(model=CHAT_MODEL, api_base=f"{BASE}/v1", api_key=os.environ["WRONG_KEY"], max_retries=0)
+    try:
+        wrong.chat(MESSAGES)
+        out["wrong_key"] = "accepted"
+    except openai.AuthenticationError as exc:
+        out["wrong_key"] = [exc.status_code, exc.code]
     print(json.dumps(out))
 
 
