@@ -258,6 +258,11 @@ class Recorder:
             self._spilled += len(self._buffer) - len(kept)
             self._buffer = collections.deque(kept)
         self._note_spilling(reason, started=started)
+        if started and self._records_event is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._records_event.set)  # the writer may be idle
+            except RuntimeError:
+                pass
 
     def _wake(self) -> None:
         event, loop = self._records_event, self._loop

@@ -579,9 +579,9 @@ class ProxyService:
                         held = {**(held or {}), **{k: v for k, v in chunk.items() if k != "choices"}}
                     continue
                 self._accumulate(chunk, choices, chat, texts, tool_calls)
-                if journal:
+                if journal and (texts or tool_calls):
                     now = time.perf_counter()
-                    if now >= next_progress:  # the first token, then once a PROGRESS_INTERVAL
+                    if now >= next_progress:  # the first text, then once a PROGRESS_INTERVAL
                         next_progress = now + PROGRESS_INTERVAL
                         self._journal_start(
                             operation,
