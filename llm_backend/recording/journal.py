@@ -127,8 +127,8 @@ class Journal:
                         found = list(resolve(reader))
                     data = b"".join(found)
                     if len(data) != size:  # provisional entries resolved, or a torn last line ended
-                        os.ftruncate(fd, 0)
-                        _write_all(fd, data)
+                        # a new file renamed over the old one: a full disk leaves the old one whole
+                        fd = self._replace(fd, data)
                     size = len(data)
             except BaseException:
                 os.close(fd)
@@ -231,22 +231,27 @@ class Journal:
                 self._size, self._base = 0, start
                 return
             tail = os.pread(fd, self._size - cut, cut) if cut < self._size else b""
-            tmp = self.path.with_name(self.path.name + ".compact")
-            new = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _lock(new)  # ours alone: taken before the name points at it
-                _write_all(new, keep + tail)
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.close(new)
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
-            os.close(fd)
-            self._fd = new
+            self._fd = self._replace(fd, keep + tail)
             self._size = len(keep) + len(tail)
             self._base = start - len(keep)
             self._dirty = True
+
+    def _replace(self, fd: int, data: bytes) -> int:
+        """Write `data` to a new locked file, rename it over ours and close `fd`; the new descriptor.
+        On an error the old file and `fd` are left as they were."""
+        tmp = self.path.with_name(self.path.name + ".compact")
+        new = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _lock(new)  # ours alone: taken before the name points at it
+            _write_all(new, data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(new)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        return new
 
     def close(self) -> None:
         """fsync, unlock and close."""
@@ -260,7 +265,10 @@ class Journal:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    n = os.write(fd, data)
+    if n == len(data):  # the usual case: one system call
+        return
+    view = memoryview(data)[max(n, 0) :]
     while view:
         n = os.write(fd, view)
         if n <= 0:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,7 @@ from llm_backend.recording.recorder import Recorder, _line, _provisional_line
 from llm_backend.recording.records import OUTCOME_INTERRUPTED, RequestRecord, Usage
 from llm_backend.recording.sink import write_batch
 from tests.recording.conftest import MakeRecord
-from tests.recording.test_recorder import Switch, broken_engine, row_ids
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+from tests.recording.test_recorder import Switch, broken_engine, row_ids, wait_until
 
 
 def rows(engine: Engine) -> dict[str, RequestLog]:
@@ -195,3 +186,30 @@ async def test_unwritable_journal_keeps_records_in_memory_until_the_database_is_
     assert any(
         str(kept[0]) in r.getMessage() and "recorder stopped" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_full_disk_at_start_leaves_the_left_journal_whole_and_is_retried(
+    engine: Engine, make_record: MakeRecord, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spill = tmp_path / "data" / "recorder.jsonl"
+    spill.parent.mkdir()
+    cut = provisional(make_record)
+    spill.write_bytes(_provisional_line(cut))  # what a killed worker left: a request it never finished
+    before = spill.read_bytes()
+
+    def no_space(self: Journal, fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Journal, "_replace", no_space)
+    rec = Recorder(engine, spill_path=spill, retry_interval=0.05)
+    await rec.start()  # boots anyway, memory-only
+    assert rec.health()["journal_ok"] is False and "No space left" in rec.health()["degraded"]
+    assert spill.read_bytes() == before  # the left journal was not cut short by the failed rewrite
+    served = make_record()
+    rec.submit(served)
+    await wait_until(lambda: served.request_id in rows(engine))
+    monkeypatch.undo()  # space again: the journal is opened, and what it held becomes a row
+    await wait_until(lambda: cut.request_id in rows(engine))
+    assert rec.health()["journal_ok"] is True
+    await rec.stop()
+    assert rows(engine)[cut.request_id].outcome == OUTCOME_INTERRUPTED
