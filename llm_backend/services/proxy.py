@@ -40,13 +40,10 @@ PROGRESS_INTERVAL = 1.0
 
 
 class RecordSink(Protocol):
+    """Where records go. A sink may also have `started(record)`: a provisional record, journaled when the
+    upstream is asked, for the request to be recorded even if the process dies before it ends."""
+
     def submit(self, record: RequestRecord) -> None: ...
-
-
-class JournalingSink(RecordSink, Protocol):
-    """A sink that also keeps provisional records (what to record if the process dies mid-request)."""
-
-    def started(self, record: RequestRecord) -> None: ...
 
 
 class NullSink:
