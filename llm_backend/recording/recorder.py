@@ -517,7 +517,8 @@ class Recorder:
         """What an operator needs to know beyond `stats`: records only in memory (the journal cannot take
         them), records dropped (the memory bound was hit), the journal's path and error, and `degraded`
         (with the reason) when either is the case."""
-        memory_only = self._memory_only() if self._task is not None else 0
+        # without the journal (RECORDER_JOURNAL=false) memory is where records wait by design
+        memory_only = self._memory_only() if self._task is not None and self.journal_enabled else 0
         reasons = []
         if self.journal_enabled and self._task is not None and self._journal_error is not None:
             reasons.append(f"journal {self._journal.path} not writable ({self._journal_error})")
