@@ -24,6 +24,8 @@ preload_app = False
 accesslog = None  # llm-backend logs one structured line per request itself
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn's and uvicorn's own lines in the app's format: with LOG_FORMAT=json every line is a JSON record
+logger_class = "llm_backend.logs.GunicornLogger"
 # Whose X-Forwarded-For is believed is decided by the app (TRUSTED_PROXIES), in one place: uvicorn must not
 # rewrite the client address before the app sees it.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "")
@@ -33,13 +35,14 @@ control_socket_disable = True
 
 
 def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
-    """Check the configuration once in the master, so a mistake stops start-up with a single line."""
+    """Check the configuration once in the master, so mistakes stop start-up with one line each."""
     import sys
 
     from llm_backend.config import ConfigError, Settings
+    from llm_backend.logs import report_config_error
 
     try:
         Settings.from_env()
     except ConfigError as exc:
-        print(f"llm-backend: configuration error: {exc}", file=sys.stderr, flush=True)
+        report_config_error(exc.problems)  # every problem, one line each (JSON under LOG_FORMAT=json)
         sys.exit(2)
