@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pwd
 import random
@@ -150,11 +151,12 @@ def env_for(
 
 def assert_one_ok_row_each(url: str, answered: set[str]) -> dict[str, dict[str, Any]]:
     rows = request_rows(url)
-    ids = [r["request_id"] for r in rows]
+    ids = [r["client_request_id"] for r in rows]  # the X-Request-Id each request was sent with
     assert len(ids) == len(set(ids)), "a request was recorded twice"
+    assert len({r["request_id"] for r in rows}) == len(rows)
     missing = answered - set(ids)
     assert not missing, f"{len(missing)} answered requests have no row, e.g. {sorted(missing)[:5]}"
-    by_id = {r["request_id"]: r for r in rows}
+    by_id = {r["client_request_id"]: r for r in rows}
     assert all(by_id[rid]["outcome"] == "ok" for rid in answered)
     return by_id
 
@@ -186,7 +188,9 @@ def test_full_disk_with_the_database_down_loses_no_answered_request(tmp_path: Pa
             # the database is back: every record goes in from memory, without waiting for a free disk
             pg.start()
             wait_for(
-                lambda: answered <= {r["request_id"] for r in request_rows(pg.url)}, 60, "every row written"
+                lambda: answered <= {r["client_request_id"] for r in request_rows(pg.url)},
+                60,
+                "every row written",
             )
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=40) == 0, log.read_text()[-3000:]
@@ -207,7 +211,9 @@ def test_full_disk_with_the_database_down_loses_no_answered_request(tmp_path: Pa
             with Load(base, threads=2) as load:
                 wait_for(lambda: len(load.answered) >= 20, 30, "20 answered requests")
             first = set(load.answered)
-            wait_for(lambda: first <= {r["request_id"] for r in request_rows(pg.url)}, 30, "rows written")
+            wait_for(
+                lambda: first <= {r["client_request_id"] for r in request_rows(pg.url)}, 30, "rows written"
+            )
             # then the database goes away too: SIGTERM's drain says where it kept what it could not write
             pg.stop()
             with Load(base, threads=2) as load:
@@ -219,9 +225,7 @@ def test_full_disk_with_the_database_down_loses_no_answered_request(tmp_path: Pa
         kept = list((tmp_path / "tmp").glob("*.unwritten.jsonl"))
         assert kept, output[-3000:]
         kept_ids = {
-            line.split('"request_id":"', 1)[1].split('"', 1)[0]
-            for p in kept
-            for line in p.read_text().splitlines()
+            json.loads(line)["client_request_id"] for p in kept for line in p.read_text().splitlines()
         }
         assert second <= kept_ids
         assert "recorder stopped" in output and str(kept[0]) in output, output[-3000:]
@@ -324,7 +328,9 @@ def test_sigkill_of_a_worker_leaves_a_row_for_everything_the_upstream_served(tmp
         # the replacement of the last victim takes its journal over once it has booted
         expected = load.answered | load.cut | load.headers_only
         wait_for(
-            lambda: expected <= {r["request_id"] for r in request_rows(url)}, 60, "rows of every request"
+            lambda: expected <= {r["client_request_id"] for r in request_rows(url)},
+            60,
+            "rows of every request",
         )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, log.read_text()[-3000:]
