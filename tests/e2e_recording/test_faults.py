@@ -10,12 +10,9 @@ import contextlib
 import errno
 import json
 import os
-import pwd
 import random
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -27,68 +24,21 @@ import httpx
 import pytest
 
 from llm_backend.db import migrate
-from tests.conftest import free_port, gunicorn_server, gunicorn_worker_pids
+from tests.conftest import gunicorn_server, gunicorn_worker_pids
+from tests.e2e_access.private_services import PrivatePostgres
+from tests.e2e_access.private_services import private_postgres as shared_private_postgres
 from tests.e2e_recording.conftest import request_rows, wait_for
 from tests.e2e_recording.test_durability import Load
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
 
 # -- a private PostgreSQL and a tiny disk ----------------------------------------------------------------------
 
 
-class PrivatePostgres:
-    """PostgreSQL 15 in a temporary directory on a free port (as `postgres` when we are root)."""
-
-    def __init__(self) -> None:
-        if not (PG_BIN / "initdb").exists():
-            pytest.skip(f"PostgreSQL binaries not found in {PG_BIN}")
-        self.root = Path(tempfile.mkdtemp(prefix="llmb-pg-"))
-        self.data = self.root / "data"
-        self.port = free_port()
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-        self._as: list[str] = []
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.root, user.pw_uid, user.pw_gid)
-            self._as = ["runuser", "-u", "postgres", "--"]
-        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
-
-    def _run(self, *cmd: str) -> None:
-        subprocess.run([*self._as, *cmd], check=True, capture_output=True, timeout=60)
-
-    def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
-        self._run(
-            str(PG_BIN / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            options,
-            "-l",
-            str(self.root / "log"),
-            "-w",
-            "start",
-        )
-
-    def stop(self) -> None:
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def remove(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def private_postgres() -> Iterator[PrivatePostgres]:
-    pg = PrivatePostgres()
-    try:
-        pg.start()
+    """The shared private PostgreSQL, migrated."""
+    with shared_private_postgres() as pg:
         migrate.upgrade(pg.url)
         yield pg
-    finally:
-        pg.remove()
 
 
 @contextlib.contextmanager
