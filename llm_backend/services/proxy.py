@@ -16,6 +16,7 @@ from llm_backend.errors import GatewayError, InvalidRequest, ModelNotFound
 from llm_backend.recording.records import (
     OUTCOME_CLIENT_DISCONNECTED,
     OUTCOME_ERROR,
+    OUTCOME_INTERRUPTED,
     OUTCOME_OK,
     RequestRecord,
     Usage,
@@ -34,9 +35,14 @@ logger = logging.getLogger(__name__)
 
 OPERATION_NAMES = {CHAT: "chat", "completions": "completions", EMBEDDINGS: "embeddings"}
 DONE_FRAME = b"data: [DONE]\n\n"
+#: How often a running stream's provisional record is journaled again with the tokens relayed so far.
+PROGRESS_INTERVAL = 1.0
 
 
 class RecordSink(Protocol):
+    """Where records go. A sink may also have `started(record)`: a provisional record, journaled when the
+    upstream is asked, for the request to be recorded even if the process dies before it ends."""
+
     def submit(self, record: RequestRecord) -> None: ...
 
 
@@ -94,6 +100,36 @@ class StreamResult:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _completion_tokens(data: Any) -> int:
+    """Estimated completion tokens of a JSON answer without `usage`: its choices' text and tool calls."""
+    if not isinstance(data, dict):
+        return 0
+    total = 0
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict):
+            content = message.get("content")
+            if isinstance(content, str):
+                total += count_tokens(content)
+            elif isinstance(content, list):
+                total += sum(
+                    count_tokens(p["text"])
+                    for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+            for call in message.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    total += count_tokens(str(fn.get("name") or "")) + count_tokens(
+                        str(fn.get("arguments") or "")
+                    )
+        elif isinstance(choice.get("text"), str):
+            total += count_tokens(choice["text"])
+    return total
+
+
 def usage_from(data: Any, *, estimated: bool = False) -> Usage | None:
     """The upstream's `usage` object as Usage; None when it is missing or not numbers (then we estimate)."""
     if not isinstance(data, dict):
@@ -131,6 +167,8 @@ class ProxyService:
         self.router = router
         self.recorder: RecordSink = recorder or NullSink()
         self.record_content = record_content
+        # provisional records (journaled when the upstream is asked), if the sink keeps them
+        self._started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
 
     # -- model resolution -------------------------------------------------------------------------------
 
@@ -303,7 +341,19 @@ class ProxyService:
         azure_style: bool,
         admission: Any,
     ) -> JsonResult:
+        prompt = estimate_prompt_tokens(body) if self._started is not None else 0
+
         def send(backend: Backend) -> Any:
+            self._journal_start(
+                operation,
+                body,
+                caller,
+                requested,
+                route,
+                backend,
+                False,
+                Usage(prompt, 0, prompt, estimated=True),
+            )
             return backend.post(
                 operation, self._encode(body, raw, backend, route, requested), model=route.name
             )
@@ -332,9 +382,11 @@ class ProxyService:
                 exc,
             )
             raise
-        usage = usage_from(data.get("usage") if isinstance(data, dict) else None) or Usage(
-            prompt_tokens=estimate_prompt_tokens(body), estimated=True
-        )
+        usage = usage_from(data.get("usage") if isinstance(data, dict) else None)
+        if usage is None:  # no usage in the answer: count the prompt and the reply, marked estimated
+            prompt = estimate_prompt_tokens(body)
+            completion = _completion_tokens(data) if operation != EMBEDDINGS else 0
+            usage = Usage(prompt, completion, prompt + completion, estimated=True)
         await self._settle(admission, usage.total_tokens)
         reply = None
         if operation == CHAT and isinstance(data, dict):
@@ -380,7 +432,19 @@ class ProxyService:
             }
         )
 
+        prompt = estimate_prompt_tokens(body) if self._started is not None else 0
+
         def send(backend: Backend) -> Any:
+            self._journal_start(
+                operation,
+                body,
+                caller,
+                requested,
+                route,
+                backend,
+                True,
+                Usage(prompt, 0, prompt, estimated=True),
+            )
             return backend.open_stream(
                 operation, self._encode(upstream_body, None, backend, route, requested), model=route.name
             )
@@ -435,7 +499,10 @@ class ProxyService:
         admission: Any,
         on_reply: OnReply | None = None,
     ) -> AsyncIterator[bytes]:
-        """Pass the upstream's events through as they arrive, keeping the shapes clients rely on."""
+        """Pass the upstream's events through as they arrive, keeping the shapes clients rely on.
+
+        The record is handed to the recorder (journaled) before the final `data: [DONE]` goes out; while
+        the stream runs, its provisional record is journaled again with the tokens relayed so far."""
         chat = operation == CHAT
         texts: dict[int, list[str]] = {}
         tool_calls: dict[int, dict[str, Any]] = {}
@@ -444,6 +511,38 @@ class ProxyService:
         first_token: float | None = None
         outcome: str = OUTCOME_CLIENT_DISCONNECTED
         error_type: str | None = "client_disconnected"
+        final: tuple[Usage, dict[str, Any] | None] | None = None  # set once the record is submitted
+        journal = self._started is not None
+        next_progress = 0.0
+
+        def finish() -> tuple[Usage, dict[str, Any] | None]:
+            final_usage = usage or self._stream_estimate(body, texts, tool_calls)
+            reply: dict[str, Any] | None = None
+            if chat:
+                text = "".join(texts.get(0, []))
+                reply = {"role": "assistant", "content": text or None}
+                if tool_calls:
+                    reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+            ttft = (first_token - caller.started) * 1000 if first_token is not None else None
+            caller.log["outcome"] = outcome
+            self._record(
+                operation,
+                body,
+                caller,
+                requested,
+                route,
+                state,
+                attempts,
+                stream=True,
+                status=200,
+                outcome=outcome,
+                usage=final_usage,
+                reply=reply,
+                error_type=error_type,
+                ttft_ms=ttft,
+            )
+            return final_usage, reply
+
         try:
             yield b""  # consumed by _forward_stream (see there)
             async for payload in upstream:
@@ -478,9 +577,24 @@ class ProxyService:
                     else:
                         held = {**(held or {}), **{k: v for k, v in chunk.items() if k != "choices"}}
                     continue
+                self._accumulate(chunk, choices, chat, texts, tool_calls)
+                if journal and (texts or tool_calls):
+                    now = time.perf_counter()
+                    if now >= next_progress:  # the first text, then once a PROGRESS_INTERVAL
+                        next_progress = now + PROGRESS_INTERVAL
+                        self._journal_start(
+                            operation,
+                            body,
+                            caller,
+                            requested,
+                            route,
+                            state.backend,
+                            True,
+                            self._stream_estimate(body, texts, tool_calls),
+                            status=200,
+                        )
                 if first_token is None:
                     first_token = time.perf_counter()
-                self._accumulate(chunk, choices, chat, texts, tool_calls)
                 if held is not None:
                     chunk = {**held, **chunk}
                     held = None
@@ -489,6 +603,7 @@ class ProxyService:
                     yield b"data: " + payload + b"\n\n"
             else:
                 outcome, error_type = OUTCOME_OK, None
+            final = finish()
             yield DONE_FRAME
         except UpstreamError as exc:
             outcome, error_type = OUTCOME_ERROR, exc.code or exc.error_type
@@ -500,51 +615,35 @@ class ProxyService:
                 extra={"request_id": caller.request_id},
             )
             yield b"data: " + orjson.dumps(exc.error_body()) + b"\n\n"
+            if final is None:
+                final = finish()
             yield DONE_FRAME
         finally:
             self.router.release(state)
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
-                text = "".join(texts.get(0, []))
-                if usage is None:
-                    completion = sum(count_tokens("".join(parts)) for parts in texts.values())
-                    completion += sum(
-                        count_tokens(str(tc.get("function", {}).get("arguments", "")))
-                        for tc in tool_calls.values()
-                    )
-                    prompt = estimate_prompt_tokens(body)
-                    usage = Usage(prompt, completion, prompt + completion, estimated=True)
-                final_usage: Usage = usage
+                if final is None:  # the client went away (or something cut the relay short)
+                    final = finish()
+                final_usage, reply = final
                 await self._settle(admission, final_usage.total_tokens)
-            reply: dict[str, Any] | None = None
-            if chat:
-                reply = {"role": "assistant", "content": text or None}
-                if tool_calls:
-                    reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-            ttft = (first_token - caller.started) * 1000 if first_token is not None else None
-            caller.log["outcome"] = outcome
             if on_reply is not None:
                 with anyio.CancelScope(shield=True):
                     try:
                         await on_reply(reply, final_usage, outcome)
                     except Exception:
                         logger.exception("storing the streamed reply failed")
-            self._record(
-                operation,
-                body,
-                caller,
-                requested,
-                route,
-                state,
-                attempts,
-                stream=True,
-                status=200,
-                outcome=outcome,
-                usage=final_usage,
-                reply=reply,
-                error_type=error_type,
-                ttft_ms=ttft,
-            )
+
+    @staticmethod
+    def _stream_estimate(
+        body: dict[str, Any], texts: dict[int, list[str]], tool_calls: dict[int, dict[str, Any]]
+    ) -> Usage:
+        """Usage of a stream without a usage chunk: the prompt and what was relayed, marked estimated."""
+        completion = sum(count_tokens("".join(parts)) for parts in texts.values())
+        completion += sum(
+            count_tokens(str(tc.get("function", {}).get("arguments", ""))) for tc in tool_calls.values()
+        )
+        prompt = estimate_prompt_tokens(body)
+        return Usage(prompt, completion, prompt + completion, estimated=True)
 
     @staticmethod
     def _accumulate(
@@ -598,6 +697,43 @@ class ProxyService:
             return None
         messages = body.get("messages")
         return messages if isinstance(messages, list) else None
+
+    def _journal_start(
+        self,
+        operation: str,
+        body: dict[str, Any],
+        caller: Caller,
+        requested: str | None,
+        route: ModelRoute,
+        backend: Backend,
+        stream: bool,
+        usage: Usage,
+        *,
+        status: int = 502,
+    ) -> None:
+        """Journal what to record if this process dies before the request ends: outcome `interrupted`,
+        tokens estimated (the prompt; for a stream, what was relayed so far)."""
+        started = self._started
+        if started is None:
+            return
+        recorded = caller.recorded
+        base = self._base_record(
+            operation, body, caller, requested, stream, status, OUTCOME_INTERRUPTED, "worker_died"
+        )
+        caller.recorded = recorded  # a provisional record does not count as the request's record
+        try:
+            started(
+                RequestRecord(
+                    **base,
+                    model=route.name if not route.config.wildcard else requested,
+                    provider=backend.provider,
+                    backend=backend.name,
+                    deployment=backend.upstream_model(requested or route.name),
+                    usage=usage,
+                )
+            )
+        except Exception:  # recording must never break serving
+            logger.exception("journaling a started request failed")
 
     def _record(
         self,
