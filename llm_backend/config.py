@@ -46,6 +46,7 @@ ENV_VARS = (
     "MAX_BODY_BYTES",
     "TRUSTED_PROXIES",
     "LIMITER_FAIL_OPEN",
+    "REDIS_TIMEOUT_S",
     "DEFAULT_MAX_TOKENS",
     "UPSTREAM_HTTP_CLIENT",
     "UPSTREAM_TIMEOUT",
@@ -175,6 +176,7 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limiter_fail_open: bool = True
     limiter_lease_s: float = 30.0  # in-flight lease of a request; renewed while it runs
+    redis_timeout_s: float = 1.0  # connecting to Redis and each of its answers (then LIMITER_FAIL_OPEN applies)
     db_connect_timeout_s: float = 3.0  # opening a PostgreSQL connection
     db_statement_timeout_s: float = 5.0  # any statement (PostgreSQL statement_timeout, SQLite busy timeout),
     # and the deadline of each database call a request waits for (key look-ups, budget seeding)
@@ -219,6 +221,7 @@ class Settings:
             trusted_proxies=_networks(env.get("TRUSTED_PROXIES", "")),
             limiter_fail_open=_bool(env, "LIMITER_FAIL_OPEN", True),
             limiter_lease_s=_seconds(env, "LIMITER_LEASE_S", 30.0),
+            redis_timeout_s=_seconds(env, "REDIS_TIMEOUT_S", 1.0),
             db_connect_timeout_s=_seconds(env, "DB_CONNECT_TIMEOUT_S", 3.0),
             db_statement_timeout_s=_seconds(env, "DB_STATEMENT_TIMEOUT_S", 5.0),
             db_pool_timeout_s=_seconds(env, "DB_POOL_TIMEOUT_S", 5.0),

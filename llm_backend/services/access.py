@@ -367,6 +367,7 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
         fail_open=settings.limiter_fail_open,
         lease_s=settings.limiter_lease_s,
         seed_budgets=store is not None,
+        timeout_s=settings.redis_timeout_s,
     )
     stack.push_async_callback(limiter.close)
     resources.limiter = limiter

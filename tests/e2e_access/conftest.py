@@ -129,7 +129,7 @@ def _patient_redis_limiter(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def make_limiter(redis_url: str | None, *, fail_open: bool, **options: Any) -> Any:
         if redis_url:
-            options.setdefault("timeout_s", 30.0)
+            options["timeout_s"] = max(float(options.get("timeout_s", 0.0)), 30.0)
             options.setdefault("pool_timeout_s", 60.0)
         return real(redis_url, fail_open=fail_open, **options)
 

@@ -92,7 +92,8 @@ async def burst(urls: list[str], key: str, n: int) -> list[tuple[str, httpx.Resp
 @pytest.mark.redis
 async def test_two_processes_sharing_redis_enforce_one_limit(tmp_path, db_url):
     redis_url = redis_or_skip()
-    env = {**base_env(tmp_path, db_url), "REDIS_URL": redis_url}
+    # a loaded machine may take longer than the production timeout (1 s) to answer, which would fail open
+    env = {**base_env(tmp_path, db_url), "REDIS_URL": redis_url, "REDIS_TIMEOUT_S": "30"}
     key = cli_key(db_url, "--models", "m", "--rpm", "10")
     with gunicorn(env, tmp_path / "a.log") as a, gunicorn(env, tmp_path / "b.log") as b:
         results = await burst([a, b], key, 40)
