@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -60,18 +61,40 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters as escapes: what a client sent (a path with %0A, a model name) cannot start a
+    forged line of its own or hide in the log."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if _CONTROL.search(text) else text
+
+
 class TextFormatter(logging.Formatter):
-    """Human-readable lines; `extra` fields appended as key=value."""
+    """Human-readable lines; `extra` fields appended as key=value. One record is one line (control characters
+    escaped), followed only by its traceback, if any."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = _printable(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         extras = [
-            f"{k}={v}" for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
+            f"{k}={_printable(str(v))}"
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD and not k.startswith("_")
         ]
-        return f"{line} {' '.join(extras)}" if extras else line
+        if extras:
+            line = f"{line} {' '.join(extras)}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
 
 
 class JsonLines(io.TextIOBase):
