@@ -176,9 +176,8 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limiter_fail_open: bool = True
     limiter_lease_s: float = 30.0  # in-flight lease of a request; renewed while it runs
-    redis_timeout_s: float = (
-        1.0  # connecting to Redis and each of its answers (then LIMITER_FAIL_OPEN applies)
-    )
+    # connecting to Redis and each of its answers (then LIMITER_FAIL_OPEN applies)
+    redis_timeout_s: float = 1.0
     db_connect_timeout_s: float = 3.0  # opening a PostgreSQL connection
     db_statement_timeout_s: float = 5.0  # any statement (PostgreSQL statement_timeout, SQLite busy timeout),
     # and the deadline of each database call a request waits for (key look-ups, budget seeding)
