@@ -58,6 +58,9 @@ STRATEGIES = ("priority", "weighted", "least_busy", "lowest_latency")
 AUTH_METHODS = ("api_key", "entra_id")
 FAILOVER_CONDITIONS = ("connect", "timeout", "429", "5xx")
 DEFAULT_API_VERSION = "2024-10-21"
+# `api_version: v1` selects Azure's v1 API: {endpoint}/openai/v1/…, no api-version query, the deployment as
+# the body's `model` (any dated version keeps the deployment-style URLs).
+AZURE_V1 = "v1"
 
 
 class ConfigError(Exception):
@@ -85,7 +88,7 @@ class BackendConfig:
     name: str
     endpoint: str | None = None  # azure: https://<resource>.openai.azure.com
     deployment: str | None = None  # azure: the deployment name
-    api_version: str = DEFAULT_API_VERSION  # azure
+    api_version: str = DEFAULT_API_VERSION  # azure: a dated version, or "v1" for Azure's v1 API
     base_url: str | None = None  # openai: e.g. https://api.openai.com/v1
     model: str | None = None  # openai/mock: the upstream model name (defaults to the client's model)
     api_key: str | None = field(default=None, repr=False)
@@ -98,6 +101,12 @@ class BackendConfig:
     max_parallel: int | None = None
     # mock only: delay between streamed tokens, in milliseconds
     delay_ms: float = 20.0
+    token_scope: str | None = None  # azure + entra_id: the token's scope (default: the API style's)
+
+    @property
+    def azure_v1(self) -> bool:
+        """An Azure backend reached through the v1 API (`api_version: v1`)."""
+        return self.provider == "azure" and self.api_version == AZURE_V1
 
     def __repr__(self) -> str:  # never print the key
         return (
@@ -374,6 +383,7 @@ _BACKEND_KEYS = {
     "timeout",
     "max_parallel",
     "delay_ms",
+    "token_scope",
 }
 
 
@@ -561,6 +571,7 @@ def _parse_backend(
         timeout=_parse_timeout(raw.get("timeout"), f"{where}.timeout", source),
         max_parallel=max_parallel,
         delay_ms=_number(raw.get("delay_ms", 20), f"{where}.delay_ms", source),
+        token_scope=str(raw["token_scope"]) if raw.get("token_scope") else None,
     )
 
 

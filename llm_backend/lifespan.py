@@ -13,6 +13,7 @@ from typing import Any
 from llm_backend.api.validation import BODY_STATE_KEY
 from llm_backend.config import BackendConfig, Settings
 from llm_backend.metrics import Metrics
+from llm_backend.services.operations import operation_of_path
 from llm_backend.services.proxy import Caller, ProxyService, RecordSink
 from llm_backend.upstream.base import Backend
 from llm_backend.upstream.mock import MockBackend
@@ -27,6 +28,10 @@ def make_backend(config: BackendConfig, settings: Settings, token_provider: Any 
         return MockBackend(config)
     if config.auth != "entra_id":
         token_provider = None
+    elif token_provider is not None and (config.azure_v1 or config.token_scope):
+        from llm_backend.upstream.identity import V1_SCOPE
+
+        token_provider = token_provider.scoped(config.token_scope or V1_SCOPE)
     return SdkBackend(
         config, http_client_kind=settings.upstream_http_client, azure_ad_token_provider=token_provider
     )
@@ -77,7 +82,7 @@ class Resources:
         if caller.recorded or not caller.route.startswith(("/v1/", "/openai/")):
             return
         body = state.get(BODY_STATE_KEY, (None, None))[0]
-        operation = _operation_of(caller.route)
+        operation = operation_of_path(caller.route)
         error = caller.log.get("error") if status >= 400 else None
         self.proxy.record_rejection(
             caller, operation, status, error, body if isinstance(body, dict) else None
@@ -93,17 +98,6 @@ def _route_group(path: str) -> str:
         return "/openai/deployments"
     known = ("/healthz", "/readyz", "/metrics", "/openai/models", "/openapi.json")
     return path if path in known else "other"
-
-
-def _operation_of(path: str) -> str:
-    for suffix, name in (
-        ("/chat/completions", "chat"),
-        ("/completions", "completions"),
-        ("/embeddings", "embeddings"),
-    ):
-        if path.endswith(suffix):
-            return name
-    return "models" if "models" in path or "deployments" in path else "other"
 
 
 async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) -> Resources:

@@ -50,6 +50,8 @@ class RequestRecord:
     user: str | None = None  # the request body's "user" field
     client_ip: str | None = None
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
+    # request_messages are new turns of conversation_id, to append as they are (a Responses API chain)
+    continues: bool = False
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None

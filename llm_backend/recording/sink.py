@@ -160,7 +160,9 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
             return conv.id
         if conv.owner is None or conv.owner == owner:
             stored = len(conv.messages)
-            if stored == 0 or (
+            if record.continues:
+                new = messages
+            elif stored == 0 or (
                 len(messages) > stored and transcript_hash(messages[:stored]) == conv.transcript_hash
             ):
                 new = messages[stored:]

@@ -19,12 +19,11 @@ from llm_backend.limits import (
     Limiter,
     LimiterUnavailable,
     LimitExceeded,
-    estimate_tokens,
     make_limiter,
 )
 from llm_backend.services.keys import KEY_PREFIX, KeyInfo, KeyStore
+from llm_backend.services.operations import CHAT_OP, Operation
 from llm_backend.services.proxy import Caller
-from llm_backend.upstream.base import CHAT, EMBEDDINGS
 from llm_backend.upstream.router import ModelRoute
 
 logger = logging.getLogger(__name__)
@@ -140,14 +139,13 @@ class Gate:
         self.default_max_tokens = default_max_tokens
 
     async def __call__(
-        self, caller: Caller, route: ModelRoute, body: dict[str, Any], operation: str = CHAT
+        self, caller: Caller, route: ModelRoute, body: dict[str, Any], operation: Operation = CHAT_OP
     ) -> _Admission | None:
         limits = caller.limits
         if caller.key_id is None or limits is None or _no_limits(limits):
             return None
-        # embeddings produce no completion tokens: reserve only their input
-        completion = 0 if operation == EMBEDDINGS else self.default_max_tokens
-        reserve = estimate_tokens(body, default_completion_tokens=completion)
+        # the operation's own estimate (embeddings, for one, reserve only their input)
+        reserve = operation.reserve(body, self.default_max_tokens)
         try:
             reservation = await self.limiter.acquire(caller.key_id, limits, reserve)
         except LimitExceeded as exc:

@@ -116,7 +116,9 @@ class MockBackend(Backend):
             }
         return UpstreamResponse(200, orjson.dumps(result), {})
 
-    async def open_stream(self, operation: str, body: bytes, *, model: str) -> UpstreamStream:
+    async def open_stream(
+        self, operation: str, body: bytes, *, model: str, events: bool = False
+    ) -> UpstreamStream:
         data = self._parse(body)
         if operation not in (CHAT, COMPLETIONS):
             raise UpstreamClientError(

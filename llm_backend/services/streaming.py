@@ -1,0 +1,291 @@
+"""Stream relays: chat/completions chunks (shapes clients rely on) and typed events (Responses API)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+
+from llm_backend.recording.records import OUTCOME_CLIENT_DISCONNECTED, OUTCOME_ERROR, OUTCOME_OK, Usage
+from llm_backend.services.accounting import Accountant
+from llm_backend.services.flight import Flight
+from llm_backend.services.operations import chat_usage, response_reply, responses_usage
+from llm_backend.tokens import count_tokens
+from llm_backend.upstream.base import UpstreamStream
+from llm_backend.upstream.errors import UpstreamBadResponse, UpstreamError
+from llm_backend.upstream.router import Router
+
+logger = logging.getLogger(__name__)
+
+DONE_FRAME = b"data: [DONE]\n\n"
+# The events that end a Responses stream, and the outcome each one records.
+_TERMINAL_EVENTS = {
+    "response.completed": OUTCOME_OK,
+    "response.incomplete": OUTCOME_OK,
+    "response.failed": OUTCOME_ERROR,
+    "error": OUTCOME_ERROR,
+}
+
+
+async def _on_reply(flight: Flight, reply: dict[str, Any] | None, usage: Usage, outcome: str) -> None:
+    if flight.on_reply is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await flight.on_reply(reply, usage, outcome)
+        except Exception:
+            logger.exception("storing the streamed reply failed")
+
+
+def _broke(router: Router, flight: Flight, exc: UpstreamError) -> None:
+    assert flight.state is not None
+    router.broke(flight.state, exc)
+    logger.warning(
+        "upstream stream from backend %s broke off: %s",
+        flight.state.name,
+        exc.message,
+        extra={"request_id": flight.caller.request_id},
+    )
+
+
+async def relay_chunks(
+    flight: Flight,
+    upstream: UpstreamStream,
+    router: Router,
+    accountant: Accountant,
+    *,
+    wants_usage: bool,
+    azure_style: bool,
+    chat: bool,
+) -> AsyncIterator[bytes]:
+    """Pass chat/completions chunks through as they arrive, keeping the shapes clients rely on: Azure's
+    empty first chunk folded into the next (on the OpenAI-style routes) and the usage chunk we asked for
+    dropped unless the client asked for it."""
+    state = flight.state
+    assert state is not None
+    texts: dict[int, list[str]] = {}
+    tool_calls: dict[int, dict[str, Any]] = {}
+    usage: Usage | None = None
+    held: dict[str, Any] | None = None  # fields of an empty-choices chunk, folded into the next one
+    first_token: float | None = None
+    outcome: str = OUTCOME_CLIENT_DISCONNECTED
+    error_type: str | None = "client_disconnected"
+    try:
+        yield b""  # consumed by the forwarder: from here on, closing the relay always runs its cleanup
+        async for payload in upstream:
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise UpstreamBadResponse(
+                    f"the upstream backend {state.name!r} sent a malformed stream event",
+                    backend=state.name,
+                ) from None
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk and "choices" not in chunk:
+                # an error event from the upstream: pass it on, then end the stream
+                err = chunk.get("error")
+                error_type = (
+                    (err.get("code") or err.get("type")) if isinstance(err, dict) else "upstream_error"
+                )
+                outcome = OUTCOME_ERROR
+                yield b"data: " + payload + b"\n\n"
+                break
+            choices = chunk.get("choices")
+            if chunk.get("usage"):
+                usage = chat_usage(chunk["usage"])
+            if not choices:
+                if chunk.get("usage"):
+                    if wants_usage:
+                        yield b"data: " + payload + b"\n\n"
+                    continue
+                if azure_style:
+                    yield b"data: " + payload + b"\n\n"
+                else:
+                    held = {**(held or {}), **{k: v for k, v in chunk.items() if k != "choices"}}
+                continue
+            if first_token is None:
+                first_token = time.perf_counter()
+            _accumulate(choices, chat, texts, tool_calls)
+            if held is not None:
+                chunk = {**held, **chunk}
+                held = None
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            else:
+                yield b"data: " + payload + b"\n\n"
+        else:
+            outcome, error_type = OUTCOME_OK, None
+        yield DONE_FRAME
+    except UpstreamError as exc:
+        outcome, error_type = OUTCOME_ERROR, exc.code or exc.error_type
+        _broke(router, flight, exc)
+        yield b"data: " + orjson.dumps(exc.error_body()) + b"\n\n"
+        yield DONE_FRAME
+    finally:
+        router.release(state)
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+            if usage is None:
+                completion = sum(count_tokens("".join(parts)) for parts in texts.values())
+                completion += sum(
+                    count_tokens(str(tc.get("function", {}).get("arguments", "")))
+                    for tc in tool_calls.values()
+                )
+                usage = accountant.estimate(flight, completion)
+            final_usage: Usage = usage
+            await accountant.settle(flight, final_usage.total_tokens)
+        reply: dict[str, Any] | None = None
+        if chat:
+            reply = {"role": "assistant", "content": "".join(texts.get(0, [])) or None}
+            if tool_calls:
+                reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
+        flight.caller.log["outcome"] = outcome
+        await _on_reply(flight, reply, final_usage, outcome)
+        await accountant.finish(
+            flight, outcome=outcome, usage=final_usage, reply=reply, error_type=error_type, ttft_ms=ttft
+        )
+
+
+def _accumulate(
+    choices: list[Any], chat: bool, texts: dict[int, list[str]], tool_calls: dict[int, dict[str, Any]]
+) -> None:
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", 0)
+        if chat:
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if content:
+                texts.setdefault(index, []).append(content)
+            if index == 0 and delta.get("tool_calls"):
+                for tc in delta["tool_calls"]:
+                    slot = tool_calls.setdefault(
+                        tc.get("index", 0),
+                        {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                    )
+                    if tc.get("id"):
+                        slot["id"] = tc["id"]
+                    fn = tc.get("function") or {}
+                    if fn.get("name"):
+                        slot["function"]["name"] += fn["name"]
+                    if fn.get("arguments"):
+                        slot["function"]["arguments"] += fn["arguments"]
+        else:
+            text = choice.get("text")
+            if text:
+                texts.setdefault(index, []).append(text)
+
+
+def _event_type(block: bytes, data: dict[str, Any]) -> str:
+    kind = data.get("type")
+    if isinstance(kind, str):
+        return kind
+    if block.startswith(b"event:"):
+        return block[6 : block.find(b"\n") if b"\n" in block else len(block)].strip().decode("latin-1")
+    return ""
+
+
+def failed_event(exc: UpstreamError, sequence: int) -> bytes:
+    """The `error` event OpenAI ends a Responses stream with when it fails mid-way."""
+    err = exc.error_body()["error"]
+    event = {
+        "type": "error",
+        "code": err.get("code"),
+        "message": err.get("message"),
+        "param": err.get("param"),
+        "sequence_number": sequence,
+    }
+    return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+async def relay_events(
+    flight: Flight, upstream: UpstreamStream, router: Router, accountant: Accountant
+) -> AsyncIterator[bytes]:
+    """Pass typed events (`event:` + `data:`) through exactly as the upstream sent them, the moment they
+    arrive; read usage and the reply from the final `response.*` event. A stream that breaks off or ends
+    without a final event ends with an `error` event. `flight.on_response` sees the created response."""
+    on_response = flight.on_response
+    state = flight.state
+    assert state is not None
+    deltas: list[str] = []
+    response: dict[str, Any] | None = None
+    first_token: float | None = None
+    outcome: str = OUTCOME_CLIENT_DISCONNECTED
+    error_type: str | None = "client_disconnected"
+    sequence = 0
+    announced = False
+    try:
+        yield b""  # consumed by the forwarder: from here on, closing the relay always runs its cleanup
+        terminal = None
+        pair: Any
+        async for pair in upstream:
+            block, payload = pair
+            if payload == b"[DONE]":
+                yield block + b"\n\n"
+                continue
+            try:
+                event = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise UpstreamBadResponse(
+                    f"the upstream backend {state.name!r} sent a malformed stream event", backend=state.name
+                ) from None
+            if not isinstance(event, dict):
+                yield block + b"\n\n"
+                continue
+            kind = _event_type(block, event)
+            seq = event.get("sequence_number")
+            if isinstance(seq, int):
+                sequence = seq
+            if kind == "response.output_text.delta":
+                if first_token is None:
+                    first_token = time.perf_counter()
+                delta = event.get("delta")
+                if isinstance(delta, str):
+                    deltas.append(delta)
+            elif kind.startswith("response.") and isinstance(event.get("response"), dict):
+                response = event["response"]
+                if not announced and on_response is not None and response.get("id"):
+                    announced = True
+                    on_response(flight, response)
+            yield block + b"\n\n"
+            if kind in _TERMINAL_EVENTS:
+                terminal = kind
+                break
+        if terminal is None:
+            raise UpstreamBadResponse(
+                f"the upstream stream from {state.name!r} ended before it was complete", backend=state.name
+            )
+        outcome = _TERMINAL_EVENTS[terminal]
+        if outcome == OUTCOME_OK:
+            error_type = None
+        else:
+            err = (response or {}).get("error") if terminal == "response.failed" else event
+            error_type = (
+                str(err.get("code") or err.get("type") or terminal) if isinstance(err, dict) else terminal
+            )
+    except UpstreamError as exc:
+        outcome, error_type = OUTCOME_ERROR, exc.code or exc.error_type
+        _broke(router, flight, exc)
+        yield failed_event(exc, sequence + 1)
+    finally:
+        router.release(state)
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+            read = responses_usage(response.get("usage")) if response is not None else None
+            usage = read or accountant.estimate(flight, count_tokens("".join(deltas)))
+            await accountant.settle(flight, usage.total_tokens)
+        reply = response_reply(response) if response is not None and response.get("output") else None
+        if reply is None or (reply.get("content") is None and not reply.get("tool_calls")):
+            reply = {"role": "assistant", "content": "".join(deltas) or None}
+        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
+        flight.caller.log["outcome"] = outcome
+        await _on_reply(flight, reply, usage, outcome)
+        await accountant.finish(
+            flight, outcome=outcome, usage=usage, reply=reply, error_type=error_type, ttft_ms=ttft
+        )
