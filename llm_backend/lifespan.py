@@ -51,6 +51,7 @@ class Resources:
     authenticator: Any = None
     key_store: Any = None
     conversations: Any = None
+    responses: Any = None  # llm_backend.services.responses.ResponsesService
     limiter: Any = None
     metrics: Metrics = field(default_factory=Metrics)
     extra_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = field(default_factory=list)
@@ -70,10 +71,11 @@ class Resources:
 
     def on_request_done(self, caller: Caller, status: int, state: dict[str, Any]) -> None:
         """Count every request; record the OpenAI-style ones that ended before reaching the proxy service."""
+        route = caller.route
+        if "/responses/" in route:
+            route = _response_route(route)
         self.metrics.observe_request(
-            caller.route
-            if caller.route.startswith(("/v1/", "/api/", "/admin/"))
-            else _route_group(caller.route),
+            route if route.startswith(("/v1/", "/api/", "/admin/")) else _route_group(route),
             status,
             caller.log.get("model"),
             time.perf_counter() - caller.started,
@@ -89,6 +91,32 @@ class Resources:
         )
 
 
+_V1_ROUTES = frozenset(
+    prefix + suffix
+    for prefix in ("/openai/v1", "/openai")
+    for suffix in (
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/models",
+        "/responses",
+        "/responses/input_tokens",
+        "/responses/{response_id}",
+        "/responses/{response_id}/cancel",
+        "/responses/{response_id}/input_items",
+    )
+)
+
+
+def _response_route(path: str) -> str:
+    """A stored-response path with its id replaced (metric labels must not grow with the ids)."""
+    head, _, tail = path.partition("/responses/")
+    rid, slash, rest = tail.partition("/")
+    if rid == "input_tokens":
+        return path
+    return f"{head}/responses/{{response_id}}{slash}{rest}"
+
+
 def _route_group(path: str) -> str:
     """The route template of a path, for metric labels (never the raw path: deployments vary)."""
     if path.startswith("/openai/deployments/"):
@@ -96,6 +124,10 @@ def _route_group(path: str) -> str:
             if path.endswith(suffix):
                 return "/openai/deployments/{deployment}" + suffix
         return "/openai/deployments"
+    if path.startswith("/openai/v1/models/"):
+        return "/openai/v1/models/{model}"
+    if path in _V1_ROUTES:
+        return path
     known = ("/healthz", "/readyz", "/metrics", "/openai/models", "/openapi.json")
     return path if path in known else "other"
 
@@ -125,6 +157,13 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
 
     await setup_access(settings, resources, stack)
     resources.conversations = ConversationService(resources.engine, resources.proxy)
+    from llm_backend.services.affinity import ResponseOwners
+    from llm_backend.services.responses import ResponsesService
+
+    owners = ResponseOwners(resources.engine)
+    await owners.start()
+    stack.push_async_callback(owners.stop)
+    resources.responses = ResponsesService(resources.proxy, owners)
     return resources
 
 

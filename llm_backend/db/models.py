@@ -150,3 +150,18 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),)
+
+
+class ResponseOwner(Base):
+    """Which backend created a stored Responses API response: follow-ups and reads must go there."""
+
+    __tablename__ = "response_owners"
+
+    response_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(255))
+    backend: Mapped[str] = mapped_column(sa.String(255))
+    key_id: Mapped[str | None] = mapped_column(sa.String(64))
+    conversation_id: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (sa.Index("ix_response_owners_created_at", "created_at"),)

@@ -16,7 +16,7 @@ from llm_backend.db import migrate, schema
 from llm_backend.db.models import Base, Conversation, RequestLog
 from llm_backend.db.session import make_engine, session_scope
 
-TABLES = {"request_log", "conversations", "messages", "api_keys"}
+TABLES = {"request_log", "conversations", "messages", "api_keys", "response_owners"}
 
 
 def _tables(engine: Engine) -> set[str]:
@@ -74,7 +74,7 @@ def test_schema_status(empty_db_url: str) -> None:
 
 def test_schema_status_behind_names_both_revisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'behind.db'}"
-    migrate.upgrade(url)
+    migrate.upgrade(url, "0001")
     engine = make_engine(url)
     monkeypatch.setattr(schema, "head_revision", lambda: "0002")
     ok, message = migrate.schema_status(engine)
