@@ -55,21 +55,22 @@ def _int(value: Any) -> int:
     return int(value or 0)
 
 
-def chat_usage(data: Any, *, estimated: bool = False) -> Usage | None:
-    """A chat/completions/embeddings `usage` object as Usage; None when missing or not numbers."""
+def _read_usage(
+    data: Any, prompt: str, completion: str, prompt_details: str, completion_details: str, estimated: bool
+) -> Usage | None:
     if not isinstance(data, dict):
         return None
     try:
-        prompt = _int(data.get("prompt_tokens"))
-        completion = _int(data.get("completion_tokens"))
-        total = int(data.get("total_tokens") or (prompt + completion))
-        pd = data.get("prompt_tokens_details") or {}
-        cd = data.get("completion_tokens_details") or {}
+        p = _int(data.get(prompt))
+        c = _int(data.get(completion))
+        total = int(data.get("total_tokens") or (p + c))
+        pd = data.get(prompt_details) or {}
+        cd = data.get(completion_details) or {}
         cached = pd.get("cached_tokens") if isinstance(pd, dict) else None
         reasoning = cd.get("reasoning_tokens") if isinstance(cd, dict) else None
         return Usage(
-            prompt,
-            completion,
+            p,
+            c,
             total,
             int(cached) if cached is not None else None,
             int(reasoning) if reasoning is not None else None,
@@ -79,27 +80,23 @@ def chat_usage(data: Any, *, estimated: bool = False) -> Usage | None:
         return None
 
 
+def chat_usage(data: Any, *, estimated: bool = False) -> Usage | None:
+    """A chat/completions/embeddings `usage` object as Usage; None when missing or not numbers."""
+    return _read_usage(
+        data,
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+        estimated,
+    )
+
+
 def responses_usage(data: Any) -> Usage | None:
     """A Responses API `usage` object (input/output tokens and their details) as Usage."""
-    if not isinstance(data, dict):
-        return None
-    try:
-        prompt = _int(data.get("input_tokens"))
-        completion = _int(data.get("output_tokens"))
-        total = int(data.get("total_tokens") or (prompt + completion))
-        ind = data.get("input_tokens_details") or {}
-        outd = data.get("output_tokens_details") or {}
-        cached = ind.get("cached_tokens") if isinstance(ind, dict) else None
-        reasoning = outd.get("reasoning_tokens") if isinstance(outd, dict) else None
-        return Usage(
-            prompt,
-            completion,
-            total,
-            int(cached) if cached is not None else None,
-            int(reasoning) if reasoning is not None else None,
-        )
-    except (TypeError, ValueError):
-        return None
+    return _read_usage(
+        data, "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", False
+    )
 
 
 def _answer_usage(reader: Callable[[Any], Usage | None]) -> Callable[[Any], Usage | None]:

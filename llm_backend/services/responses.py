@@ -44,6 +44,23 @@ class ResponsesService:
     def _visible(self, owner: Owner, caller: Caller) -> bool:
         return caller.is_admin or owner.key_id == caller.key_id
 
+    async def _pin(self, flight: Flight, previous: str) -> Owner:
+        """Send the flight to the backend that holds `previous` (a 404 when that is unknown to the caller)."""
+        owner = await self.owners.find(previous)
+        if owner is None or not self._visible(owner, flight.caller):
+            raise _not_found(previous, "previous_response_id")
+        states = self.proxy.router.states
+        route = flight.route
+        # the same backend under the model the request names, or under the one that created the response
+        state = (states.get(f"{route.name}/{owner.backend}") if route is not None else None) or states.get(
+            f"{owner.model}/{owner.backend}"
+        )
+        if state is None:
+            raise _not_found(previous, "previous_response_id")
+        flight.state = state
+        flight.pinned = previous
+        return owner
+
     async def create(
         self,
         body: dict[str, Any],
@@ -59,18 +76,7 @@ class ResponsesService:
 
         async def prepare(flight: Flight) -> None:
             if isinstance(previous, str) and previous:
-                owner = await self.owners.find(previous)
-                if owner is None or not self._visible(owner, caller):
-                    raise _not_found(previous, "previous_response_id")
-                route = flight.route
-                assert route is not None
-                state = proxy.router.states.get(f"{route.name}/{owner.backend}") or proxy.router.states.get(
-                    f"{owner.model}/{owner.backend}"
-                )
-                if state is None:
-                    raise _not_found(previous, "previous_response_id")
-                flight.state = state
-                flight.pinned = previous
+                owner = await self._pin(flight, previous)
                 if owner.conversation_id and not caller.conversation_id:
                     flight.conversation_id = owner.conversation_id
                     flight.continues = True
@@ -107,14 +113,7 @@ class ResponsesService:
 
         async def prepare(flight: Flight) -> None:
             if isinstance(previous, str) and previous:
-                owner = await self.owners.find(previous)
-                if owner is None or not self._visible(owner, caller):
-                    raise _not_found(previous, "previous_response_id")
-                state = proxy.router.states.get(f"{owner.model}/{owner.backend}")
-                if state is None:
-                    raise _not_found(previous, "previous_response_id")
-                flight.state = state
-                flight.pinned = previous
+                await self._pin(flight, previous)
 
         return await proxy.forward(
             RESPONSES_INPUT_TOKENS_OP, body, caller, raw=raw, admit=admit, prepare=prepare

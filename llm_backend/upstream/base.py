@@ -129,33 +129,13 @@ async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
 
     Raises StreamEndedEarly when the bytes end without [DONE]: the answer was cut off.
     """
-    buffer = b""
-    async for chunk in chunks:
-        if not chunk:
-            continue
-        buffer += chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
-            block, buffer = buffer[:end], buffer[end + 2 :]
-            data = _event_data(block)
-            if data is None:
-                continue
-            if data == b"[DONE]":
-                # read the body to its end, so the connection goes back to the pool instead of being closed
-                async for _ in chunks:
-                    pass
-                return
-            yield data
-    if buffer.strip():
-        data = _event_data(buffer.strip(b"\n"))
+    async for _, data in iter_sse_events(chunks):
         if data == b"[DONE]":
+            # read the body to its end, so the connection goes back to the pool instead of being closed
+            async for _ in chunks:
+                pass
             return
-        if data is not None:
-            yield data
+        yield data
     raise StreamEndedEarly()
 
 
