@@ -191,6 +191,33 @@ def _event_type(block: bytes, data: dict[str, Any]) -> str:
     return ""
 
 
+_DELTA_EVENT = b"event: response.output_text.delta\n"
+
+
+def _delta_text(payloads: list[bytes]) -> str:
+    """The text of the output_text.delta events relayed (parsed only when needed)."""
+    parts = []
+    for payload in payloads:
+        try:
+            delta = orjson.loads(payload).get("delta")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(delta, str):
+            parts.append(delta)
+    return "".join(parts)
+
+
+def _sequence_of(payloads: list[bytes]) -> int:
+    for payload in payloads:
+        try:
+            seq = orjson.loads(payload).get("sequence_number")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(seq, int):
+            return seq
+    return -1
+
+
 def failed_event(exc: UpstreamError, sequence: int) -> bytes:
     """The `error` event OpenAI ends a Responses stream with when it fails mid-way."""
     err = exc.error_body()["error"]
@@ -213,7 +240,7 @@ async def relay_events(
     on_response = flight.on_response
     state = flight.state
     assert state is not None
-    deltas: list[str] = []
+    deltas: list[bytes] = []  # the payloads of the text deltas
     response: dict[str, Any] | None = None
     first_token: float | None = None
     outcome: str = OUTCOME_CLIENT_DISCONNECTED
@@ -226,6 +253,14 @@ async def relay_events(
         pair: Any
         async for pair in upstream:
             block, payload = pair
+            if block.startswith(_DELTA_EVENT):
+                # the common event, passed on unparsed: its text is read only if the stream has no final
+                # response to take usage and the reply from
+                if first_token is None:
+                    first_token = time.perf_counter()
+                deltas.append(payload)
+                yield block + b"\n\n"
+                continue
             if payload == b"[DONE]":
                 yield block + b"\n\n"
                 continue
@@ -245,9 +280,7 @@ async def relay_events(
             if kind == "response.output_text.delta":
                 if first_token is None:
                     first_token = time.perf_counter()
-                delta = event.get("delta")
-                if isinstance(delta, str):
-                    deltas.append(delta)
+                deltas.append(payload)
             elif kind.startswith("response.") and isinstance(event.get("response"), dict):
                 response = event["response"]
                 if not announced and on_response is not None and response.get("id"):
@@ -272,17 +305,17 @@ async def relay_events(
     except UpstreamError as exc:
         outcome, error_type = OUTCOME_ERROR, exc.code or exc.error_type
         _broke(router, flight, exc)
-        yield failed_event(exc, sequence + 1)
+        yield failed_event(exc, max(sequence, _sequence_of(deltas[-1:])) + 1)
     finally:
         router.release(state)
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
             read = responses_usage(response.get("usage")) if response is not None else None
-            usage = read or accountant.estimate(flight, count_tokens("".join(deltas)))
+            usage = read or accountant.estimate(flight, count_tokens(_delta_text(deltas)))
             await accountant.settle(flight, usage.total_tokens)
         reply = response_reply(response) if response is not None and response.get("output") else None
         if reply is None or (reply.get("content") is None and not reply.get("tool_calls")):
-            reply = {"role": "assistant", "content": "".join(deltas) or None}
+            reply = {"role": "assistant", "content": _delta_text(deltas) or None}
         ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
         flight.caller.log["outcome"] = outcome
         await _on_reply(flight, reply, usage, outcome)
