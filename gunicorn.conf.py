@@ -8,7 +8,9 @@ port = int(os.environ.get("PORT", "8080"))
 bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
 workers = int(os.environ.get("WEB_CONCURRENCY", str(min(multiprocessing.cpu_count(), 4))))
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn's worker (uvloop + httptools) with deadlines for request heads and bodies, a cap on header size and
+# on open connections (HEADER_TIMEOUT, BODY_TIMEOUT, MAX_HEADER_BYTES, MAX_CONNECTIONS; see llm_backend/server.py)
+worker_class = "llm_backend.server.Worker"
 
 # Streams of long completions can run for minutes: the worker timeout only guards against hung workers
 # (uvicorn workers heartbeat from their event loop), and graceful_timeout bounds how long a SIGTERM waits
@@ -24,6 +26,8 @@ preload_app = False
 accesslog = None  # llm-backend logs one structured line per request itself
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn's and uvicorn's own lines in the app's format: with LOG_FORMAT=json every line is a JSON record
+logger_class = "llm_backend.logs.GunicornLogger"
 # Whose X-Forwarded-For is believed is decided by the app (TRUSTED_PROXIES), in one place: uvicorn must not
 # rewrite the client address before the app sees it.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "")
@@ -33,13 +37,19 @@ control_socket_disable = True
 
 
 def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
-    """Check the configuration once in the master, so a mistake stops start-up with a single line."""
+    """Check the configuration once in the master, so mistakes stop start-up with one line each."""
     import sys
 
     from llm_backend.config import ConfigError, Settings
+    from llm_backend.logs import report_config_error
+    from llm_backend.server import ServerConfigError, ServerLimits
 
     try:
         Settings.from_env()
+        ServerLimits.from_env()
     except ConfigError as exc:
-        print(f"llm-backend: configuration error: {exc}", file=sys.stderr, flush=True)
+        report_config_error(exc.problems)  # every problem, one line each (JSON under LOG_FORMAT=json)
+        sys.exit(2)
+    except ServerConfigError as exc:
+        report_config_error([str(exc)])
         sys.exit(2)

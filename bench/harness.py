@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     parser.add_argument("--list-variants", action="store_true")
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=None,
+        help="instead: hold N slow streams on one worker (python -m bench --streams 10000 --help)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = min(args.duration, 2.0)
@@ -149,7 +155,8 @@ def measure_target(url: str, headers: dict[str, str], args: argparse.Namespace, 
     return points
 
 
-def gateway_env(tmp: Path, port: int, config: Path, variant: Variant) -> dict[str, str]:
+def gateway_env(tmp: Path, port: int, config: Path, variant: Variant | None = None) -> dict[str, str]:
+    """The gateway's environment: one worker on `port`, the models file, no auth, SQLite in `tmp`."""
     env = dict(os.environ)
     env.update(
         {
@@ -165,7 +172,8 @@ def gateway_env(tmp: Path, port: int, config: Path, variant: Variant) -> dict[st
             "PYTHONUNBUFFERED": "1",
         }
     )
-    env.update(variant.env)
+    if variant is not None:
+        env.update(variant.env)
     return env
 
 
@@ -210,6 +218,11 @@ def run_variant(variant: Variant, args: argparse.Namespace, root: Path, upstream
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if any(a == "--streams" or a.startswith("--streams=") for a in raw):
+        from bench import streams  # the many-streams point runs on its own (python -m bench --streams N)
+
+        return streams.main(raw)
     args = parse_args(argv)
     if args.list_variants:
         for v in VARIANTS:

@@ -12,20 +12,27 @@ import yaml
 from connexion import AsyncApp
 from connexion.exceptions import ProblemException
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse
-from connexion.middleware import MiddlewarePosition
+from connexion.middleware import ConnexionMiddleware, MiddlewarePosition
+from connexion.middleware.swagger_ui import SwaggerUIMiddleware
 from connexion.options import SwaggerUIOptions
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from llm_backend.api.docs import DocsMiddleware
 from llm_backend.api.middleware import RequestContextMiddleware
-from llm_backend.api.validation import OpenAIJSONBodyValidator
+from llm_backend.api.validation import OpenAIJSONBodyValidator, OpenAIParameterValidator
 from llm_backend.config import Settings
+from llm_backend.db.session import DatabaseUnavailable, unavailable_error
 from llm_backend.errors import GatewayError, error_body, upstream_error_response
 from llm_backend.lifespan import lifespan_for
 from llm_backend.logs import configure_logging
+from llm_backend.logthrottle import LogThrottle
 from llm_backend.upstream.errors import UpstreamError
 
 logger = logging.getLogger(__name__)
+#: An outage makes every request fail the same way: one log line per minute and kind, with a count.
+_errors_log = LogThrottle(logger, 60.0)
+DATABASE_RETRY_AFTER_S = 2
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "openapi"
 if not SPEC_DIR.exists():  # installed without the repository checkout
@@ -110,6 +117,20 @@ def handle_problem(request: ConnexionRequest, exc: Exception) -> ConnexionRespon
     return _response(status, error_body(message, error_type, None, code), headers)
 
 
+def handle_database_unavailable(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    """The database is unreachable or timed out (any route that needs it): 503 with Retry-After."""
+    down = exc if isinstance(exc, DatabaseUnavailable) else unavailable_error(exc)
+    _errors_log.log("database", logging.ERROR, "database unavailable: %s", down)
+    _note_error(request, "database_unavailable")
+    body = error_body(
+        "The database is unreachable; please retry shortly.",
+        "service_unavailable",
+        None,
+        "database_unavailable",
+    )
+    return _response(503, body, {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
 def handle_unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     if isinstance(exc, GatewayError):
         return handle_gateway_error(request, exc)
@@ -117,9 +138,18 @@ def handle_unexpected(request: ConnexionRequest, exc: Exception) -> ConnexionRes
         return handle_upstream_error(request, exc)
     if isinstance(exc, ProblemException | HTTPException):
         return handle_problem(request, exc)
+    if unavailable_error(exc) is not None:  # a driver error that escaped session_scope
+        return handle_database_unavailable(request, exc)
     caller = request.scope.get("state", {}).get("caller")
     rid = caller.request_id if caller is not None else "unknown"
-    logger.error("unhandled error in request %s", rid, exc_info=exc)
+    # the first of a kind with its traceback, then one line per minute with the count
+    _errors_log.log(
+        f"unhandled:{type(exc).__name__}:{str(exc)[:120]}",
+        logging.ERROR,
+        "unhandled error in request %s",
+        rid,
+        exc_info=exc,
+    )
     _note_error(request, "server_error")
     return _response(
         500,
@@ -173,19 +203,28 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level, settings.log_format)
     _cache_security_introspection()
-    app = AsyncApp(__name__, lifespan=lifespan_for(settings), specification_dir=str(SPEC_DIR))
+    middlewares = [
+        DocsMiddleware if m is SwaggerUIMiddleware else m for m in ConnexionMiddleware.default_middlewares
+    ]
+    app = AsyncApp(
+        __name__, lifespan=lifespan_for(settings), specification_dir=str(SPEC_DIR), middlewares=middlewares
+    )
     app.add_api(
         load_spec(settings),
         strict_validation=False,
         validate_responses=False,
         pythonic_params=False,
-        validator_map={"body": {"application/json": OpenAIJSONBodyValidator}},
+        validator_map={
+            "parameter": OpenAIParameterValidator,
+            "body": {"application/json": OpenAIJSONBodyValidator},
+        },
         swagger_ui_options=SwaggerUIOptions(swagger_ui_path="/docs", spec_path="/openapi.json"),
     )
     app.add_error_handler(GatewayError, handle_gateway_error)
     app.add_error_handler(UpstreamError, handle_upstream_error)
     app.add_error_handler(ProblemException, handle_problem)
     app.add_error_handler(HTTPException, handle_problem)
+    app.add_error_handler(DatabaseUnavailable, handle_database_unavailable)
     app.add_error_handler(Exception, handle_unexpected)
     if settings.cors_allow_origins:
         # added first, so it wraps everything, the request-size refusals included
@@ -199,6 +238,7 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
             allow_headers=["*"],
             expose_headers=[
                 "x-request-id",
+                "x-client-request-id",
                 "retry-after",
                 "x-ratelimit-limit-requests",
                 "x-ratelimit-remaining-requests",
@@ -214,6 +254,7 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
         position=MiddlewarePosition.BEFORE_EXCEPTION,
         max_body_bytes=settings.max_body_bytes,
         trusted_proxies=settings.trusted_proxies,
+        conversation_headers=settings.conversation_id_headers,
     )
     from llm_backend.api.metrics import add_metrics_route
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,16 @@ ENV_VARS = (
     "AZURE_CLIENT_ID",
     "AZURE_TENANT_ID",
     "AZURE_FEDERATED_TOKEN_FILE",
+    "METRICS_TOKEN",
+    # the connection guard (llm_backend/server.py)
+    "HEADER_TIMEOUT",
+    "BODY_TIMEOUT",
+    "MAX_HEADER_BYTES",
+    "MAX_CONNECTIONS",
 )
 
 PROVIDERS = ("azure", "openai", "mock")
+DEFAULT_MAX_CONNECTIONS = 10_000
 STRATEGIES = ("priority", "weighted", "least_busy", "lowest_latency")
 AUTH_METHODS = ("api_key", "entra_id")
 FAILOVER_CONDITIONS = ("connect", "timeout", "429", "5xx")
@@ -64,7 +72,12 @@ AZURE_V1 = "v1"
 
 
 class ConfigError(Exception):
-    """A configuration problem; its message is one line naming the source, the place and the fix."""
+    """Configuration problems: each one line naming the source, the place and the fix (`problems`); the
+    message is those lines, so a file with one mistake gives a one-line message."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems: tuple[str, ...] = problems or ("invalid configuration",)
+        super().__init__("\n".join(self.problems))
 
 
 def _secret_repr(value: str | None) -> str:
@@ -99,6 +112,8 @@ class BackendConfig:
     weight: float = 1.0
     timeout: Timeouts = field(default_factory=Timeouts)
     max_parallel: int | None = None
+    # open connections to this upstream per worker (each stream holds one); more requests wait for one
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     # mock only: delay between streamed tokens, in milliseconds
     delay_ms: float = 20.0
     token_scope: str | None = None  # azure + entra_id: the token's scope (default: the API style's)
@@ -154,6 +169,7 @@ class Settings:
     database_url: str = "sqlite:///./llm_backend.db"
     redis_url: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)  # GET /metrics needs it as a bearer token
     auth: str = "keys"  # keys | none
     recording: bool = True
     record_content: bool = True
@@ -161,10 +177,19 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limiter_fail_open: bool = True
+    limiter_lease_s: float = 30.0  # in-flight lease of a request; renewed while it runs
+    db_connect_timeout_s: float = 3.0  # opening a PostgreSQL connection
+    db_statement_timeout_s: float = 5.0  # any statement (PostgreSQL statement_timeout, SQLite busy timeout),
+    # and the deadline of each database call a request waits for (key look-ups, budget seeding)
+    db_pool_timeout_s: float = 5.0  # waiting for a pooled connection
+    key_cache_stale_s: float = 300.0  # a cached key keeps working this long while the database is unreachable
     default_max_tokens: int = 1024
     upstream_http_client: str = "aiohttp"  # aiohttp | httpx
     web_concurrency: int = 1
     cors_allow_origins: tuple[str, ...] = ("*",)  # browser UIs on other origins; () turns CORS off
+    # Request headers that name the conversation, first present wins: X-Conversation-Id is our own id,
+    # any other (Open WebUI's chat id, a LibreChat `headers:` entry) is the client's chat id, per key.
+    conversation_id_headers: tuple[str, ...] = ("X-Conversation-Id", "X-OpenWebUI-Chat-Id")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -186,6 +211,7 @@ class Settings:
             database_url=env.get("DATABASE_URL") or "sqlite:///./llm_backend.db",
             redis_url=env.get("REDIS_URL") or None,
             admin_key=env.get("LLM_BACKEND_ADMIN_KEY") or None,
+            metrics_token=env.get("METRICS_TOKEN") or None,
             auth=_choice(env, "LLM_BACKEND_AUTH", "keys", ("keys", "none")),
             recording=_bool(env, "LLM_BACKEND_RECORDING", True),
             record_content=_bool(env, "RECORD_CONTENT", True),
@@ -193,9 +219,17 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 8 * 1024 * 1024),
             trusted_proxies=_networks(env.get("TRUSTED_PROXIES", "")),
             limiter_fail_open=_bool(env, "LIMITER_FAIL_OPEN", True),
+            limiter_lease_s=_seconds(env, "LIMITER_LEASE_S", 30.0),
+            db_connect_timeout_s=_seconds(env, "DB_CONNECT_TIMEOUT_S", 3.0),
+            db_statement_timeout_s=_seconds(env, "DB_STATEMENT_TIMEOUT_S", 5.0),
+            db_pool_timeout_s=_seconds(env, "DB_POOL_TIMEOUT_S", 5.0),
+            key_cache_stale_s=_seconds(env, "KEY_CACHE_STALE_S", 300.0),
             default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 1024),
             upstream_http_client=_choice(env, "UPSTREAM_HTTP_CLIENT", "aiohttp", ("aiohttp", "httpx")),
             cors_allow_origins=tuple(_split(env.get("CORS_ALLOW_ORIGINS", "*"))),
+            conversation_id_headers=tuple(
+                _split(env.get("CONVERSATION_ID_HEADERS", "X-Conversation-Id,X-OpenWebUI-Chat-Id"))
+            ),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
         )
 
@@ -210,6 +244,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(
             f"environment: {name}={raw!r} is not an integer; set it to a whole number"
         ) from None
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"environment: {name}={raw!r} is not a positive number of seconds")
+    return value
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -303,14 +350,64 @@ def models_from_env(env: Mapping[str, str]) -> tuple[ModelConfig, ...]:
             "serves the built-in mock), or AZURE_OPENAI_ENDPOINT + AZURE_OPENAI_API_KEY + "
             "AZURE_OPENAI_DEPLOYMENTS, or OPENAI_API_KEY / OPENAI_BASE_URL"
         )
-    _check_unique(models, "environment")
+    env_problems = _Problems("environment")
+    places = {"azure": "AZURE_OPENAI_DEPLOYMENTS", "openai": "OPENAI_MODELS"}
+    _check_unique([(places[m.backends[0].provider], m) for m in models], env_problems)
+    env_problems.raise_if_any()
     return tuple(models)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(value: Any, env: Mapping[str, str], where: str, source: str) -> Any:
+class _Problems:
+    """The problems found in one source, collected so that a file's every mistake is reported at once."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, place: str, message: str) -> None:
+        self.lines.append(f"{self.source}: {place}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError(*self.lines)
+
+
+def _suggest(word: Any, choices: Iterable[str]) -> str | None:
+    """The closest of `choices` to a misspelt `word`, if one is close enough to be a likely typo."""
+    if not isinstance(word, str):
+        return None
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _not_one_of(value: Any, what: str, choices: Sequence[str]) -> str:
+    """`'azur' is not a provider; did you mean 'azure'? (use one of azure, openai, mock)`."""
+    listed = ", ".join(choices)
+    hint = _suggest(value, choices)
+    if hint:
+        return f"{value!r} {what}; did you mean {hint!r}? (use one of {listed})"
+    return f"{value!r} {what}; use one of {listed}"
+
+
+def _unknown_keys(raw: Mapping[Any, Any], allowed: Collection[str], where: str, p: _Problems) -> set[str]:
+    """One problem per unknown key, with the key it most likely meant; returns those meant keys."""
+    meant: set[str] = set()
+    for key in sorted(set(raw) - set(allowed), key=str):
+        hint = _suggest(key, allowed)
+        if hint:
+            meant.add(hint)
+            p.add(f"{where}.{key}", f"unknown key; did you mean {hint!r}?")
+        else:
+            p.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    return meant
+
+
+def _interpolate(value: Any, env: Mapping[str, str], where: str, unset: list[tuple[str, str]]) -> Any:
+    """`${VAR}` and `${VAR:-default}` in strings, at any depth; each unset variable is noted in `unset` as
+    (place, name) and left as written."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -319,27 +416,26 @@ def _interpolate(value: Any, env: Mapping[str, str], where: str, source: str) ->
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(
-                f"{source}: {where} uses ${{{name}}} but {name} is not set; export {name} "
-                f"(or write ${{{name}:-default}})"
-            )
+            unset.append((where, name))
+            return m.group(0)
 
         return _VAR.sub(sub, value)
     if isinstance(value, list):
-        return [_interpolate(v, env, f"{where}[{i}]", source) for i, v in enumerate(value)]
+        return [_interpolate(v, env, f"{where}[{i}]", unset) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _interpolate(v, env, f"{where}.{k}", source) for k, v in value.items()}
+        return {k: _interpolate(v, env, f"{where}.{k}", unset) for k, v in value.items()}
     return value
 
 
 def load_models_file(path: Path, env: Mapping[str, str]) -> tuple[ModelConfig, ...]:
-    """Read and validate the models YAML; every problem raises ConfigError with a one-line message."""
+    """Read and validate the models YAML; every problem found becomes one line of a single ConfigError."""
     source = str(path)
+    p = _Problems(source)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
-            f"{source}: cannot read the models file ({exc.strerror}); fix LLM_BACKEND_CONFIG"
+            f"{source}: cannot read the models file ({exc.strerror}); check the path (LLM_BACKEND_CONFIG)"
         ) from None
     try:
         doc = yaml.safe_load(text)
@@ -349,10 +445,19 @@ def load_models_file(path: Path, env: Mapping[str, str]) -> tuple[ModelConfig, .
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: {place}: invalid YAML ({problem}); fix the syntax there") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or not doc["models"]:
-        raise ConfigError(f"{source}: top level: expected a mapping with a non-empty 'models:' list")
-    models = [_parse_model(raw, i, env, source) for i, raw in enumerate(doc["models"])]
-    _check_unique(models, source)
-    return tuple(models)
+        misspelt = (
+            [k for k in doc if k != "models" and _suggest(k, ["models"])] if isinstance(doc, dict) else []
+        )
+        fix = f"; did you mean 'models' for {misspelt[0]!r}?" if misspelt else ""
+        raise ConfigError(f"{source}: top level: expected a mapping with a non-empty 'models:' list{fix}")
+    models: list[tuple[str, ModelConfig]] = []
+    for i, raw in enumerate(doc["models"]):
+        model = _parse_model(raw, i, env, p)
+        if model is not None:
+            models.append((f"models[{i}] ({model.name})", model))
+    _check_unique(models, p)
+    p.raise_if_any()
+    return tuple(m for _, m in models)
 
 
 _MODEL_KEYS = {
@@ -366,6 +471,7 @@ _MODEL_KEYS = {
     "circuit_breaker",
 }
 _BREAKER_KEYS = {"failure_threshold", "cooldown", "failure_rate", "window", "min_requests"}
+_TIMEOUT_KEYS = {"connect", "first_byte", "total"}
 _BACKEND_KEYS = {
     "provider",
     "name",
@@ -382,56 +488,78 @@ _BACKEND_KEYS = {
     "weight",
     "timeout",
     "max_parallel",
+    "max_connections",
     "delay_ms",
     "token_scope",
 }
 
 
-def _parse_model(raw: Any, index: int, env: Mapping[str, str], source: str) -> ModelConfig:
+def _whole(value: Any, where: str, p: _Problems, *, minimum: int, default: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        p.add(where, f"expected a whole number >= {minimum}")
+        return default
+    return value
+
+
+def _parse_model(raw: Any, index: int, env: Mapping[str, str], p: _Problems) -> ModelConfig | None:
+    """One entry of `models:`, its problems noted in `p`; None when it has no name."""
     where = f"models[{index}]"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where}: expected a mapping with name and backends")
+        p.add(where, "expected a mapping with name and backends")
+        return None
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{source}: {where}: 'name' is missing; give the model name clients send")
-    where = f"models[{index}] ({name})"
-    unknown = set(raw) - _MODEL_KEYS
-    if unknown:
-        raise ConfigError(
-            f"{source}: {where}: unknown key(s) {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(sorted(_MODEL_KEYS))}"
-        )
+        p.add(where, "'name' is missing; give the model name clients send")
+        name = None
+    else:
+        where = f"models[{index}] ({name})"
+    meant = _unknown_keys(raw, _MODEL_KEYS, where, p)
     aliases = raw.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-        raise ConfigError(f"{source}: {where}.aliases: expected a list of model names")
+        p.add(f"{where}.aliases", "expected a list of model names")
+        aliases = []
     strategy = raw.get("strategy", "priority")
     if strategy not in STRATEGIES:
-        raise ConfigError(
-            f"{source}: {where}.strategy: {strategy!r} is unknown; use one of {', '.join(STRATEGIES)}"
-        )
-    retries = raw.get("retries", 1)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise ConfigError(f"{source}: {where}.retries: expected a whole number >= 0")
+        p.add(f"{where}.strategy", _not_one_of(strategy, "is unknown", STRATEGIES))
+    retries = _whole(raw.get("retries", 1), f"{where}.retries", p, minimum=0, default=1)
     fail_over_on = raw.get("fail_over_on", list(FAILOVER_CONDITIONS))
-    if not isinstance(fail_over_on, list) or any(str(c) not in FAILOVER_CONDITIONS for c in fail_over_on):
-        raise ConfigError(
-            f"{source}: {where}.fail_over_on: expected a list of {', '.join(FAILOVER_CONDITIONS)}"
-        )
+    if not isinstance(fail_over_on, list):
+        p.add(f"{where}.fail_over_on", f"expected a list of {', '.join(FAILOVER_CONDITIONS)}")
+        fail_over_on = []
+    for k, condition in enumerate(fail_over_on):
+        if str(condition) not in FAILOVER_CONDITIONS:
+            p.add(
+                f"{where}.fail_over_on[{k}]",
+                _not_one_of(str(condition), "is not a failover condition", FAILOVER_CONDITIONS),
+            )
     backends_raw = raw.get("backends")
+    backends: list[BackendConfig] = []
     if not isinstance(backends_raw, list) or not backends_raw:
-        raise ConfigError(f"{source}: {where}: 'backends' is missing or empty; list at least one backend")
-    backends = tuple(
-        _parse_backend(b, f"{where}.backends[{j}]", name, j, env, source) for j, b in enumerate(backends_raw)
-    )
-    names = [b.name for b in backends]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: {where}: backend names must be unique within a model")
-    breaker = _parse_breaker(raw.get("circuit_breaker"), f"{where}.circuit_breaker", source)
+        if "backends" in raw or "backends" not in meant:  # a misspelt key has had its line already
+            p.add(where, "'backends' is missing or empty; list at least one backend")
+    else:
+        for j, b in enumerate(backends_raw):
+            backend = _parse_backend(b, f"{where}.backends[{j}]", name or where, j, env, p)
+            if backend is not None:
+                backends.append(backend)
+        seen: set[str] = set()
+        for b in backends:
+            if b.name in seen:
+                p.add(
+                    where,
+                    f"backend name {b.name!r} is used twice; backend names must be unique within a model",
+                )
+            seen.add(b.name)
+    breaker = _parse_breaker(raw.get("circuit_breaker"), f"{where}.circuit_breaker", p)
+    if name is None:
+        return None
+    # returned even when something above was wrong (the loader then raises), so that name clashes with
+    # the other models are reported in the same run
     return ModelConfig(
         name=name,
         breaker=breaker,
         aliases=tuple(aliases),
-        backends=backends,
+        backends=tuple(backends),
         strategy=strategy,
         retries=retries,
         fail_over_on=tuple(str(c) for c in fail_over_on),
@@ -439,121 +567,157 @@ def _parse_model(raw: Any, index: int, env: Mapping[str, str], source: str) -> M
     )
 
 
-def _parse_breaker(raw: Any, where: str, source: str) -> BreakerConfig:
-    if raw is None:
-        return BreakerConfig()
-    if not isinstance(raw, dict) or set(raw) - _BREAKER_KEYS:
-        raise ConfigError(f"{source}: {where}: expected a mapping of {', '.join(sorted(_BREAKER_KEYS))}")
+def _parse_breaker(raw: Any, where: str, p: _Problems) -> BreakerConfig:
     d = BreakerConfig()
-    threshold = raw.get("failure_threshold", d.failure_threshold)
-    min_requests = raw.get("min_requests", d.min_requests)
-    for key, value in (("failure_threshold", threshold), ("min_requests", min_requests)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{source}: {where}.{key}: expected a whole number >= 1")
+    if raw is None:
+        return d
+    if not isinstance(raw, dict):
+        p.add(where, f"expected a mapping of {', '.join(sorted(_BREAKER_KEYS))}")
+        return d
+    _unknown_keys(raw, _BREAKER_KEYS, where, p)
     rate = raw.get("failure_rate", d.failure_rate)
     if rate is not None:
-        rate = _number(rate, f"{where}.failure_rate", source)
+        rate = _number(rate, f"{where}.failure_rate", p, default=d.failure_rate or 0.5)
         if not 0 < rate <= 1:
-            raise ConfigError(f"{source}: {where}.failure_rate: expected a fraction in (0, 1], or null")
+            p.add(f"{where}.failure_rate", "expected a fraction in (0, 1], or null")
     return BreakerConfig(
-        failure_threshold=threshold,
-        cooldown=_number(raw.get("cooldown", d.cooldown), f"{where}.cooldown", source),
+        failure_threshold=_whole(
+            raw.get("failure_threshold", d.failure_threshold),
+            f"{where}.failure_threshold",
+            p,
+            minimum=1,
+            default=d.failure_threshold,
+        ),
+        cooldown=_number(raw.get("cooldown", d.cooldown), f"{where}.cooldown", p, default=d.cooldown),
         failure_rate=rate,
-        window=_number(raw.get("window", d.window), f"{where}.window", source, minimum=0.001),
-        min_requests=min_requests,
+        window=_number(raw.get("window", d.window), f"{where}.window", p, minimum=0.001, default=d.window),
+        min_requests=_whole(
+            raw.get("min_requests", d.min_requests),
+            f"{where}.min_requests",
+            p,
+            minimum=1,
+            default=d.min_requests,
+        ),
     )
 
 
-def _number(value: Any, where: str, source: str, *, minimum: float = 0.0) -> float:
+def _number(value: Any, where: str, p: _Problems, *, minimum: float = 0.0, default: float = 0.0) -> float:
     if isinstance(value, str):  # after ${VAR} interpolation
         try:
             value = float(value)
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise ConfigError(f"{source}: {where}: expected a number >= {minimum:g}")
+        p.add(where, f"expected a number >= {minimum:g}")
+        return default
     return float(value)
 
 
-def _parse_timeout(raw: Any, where: str, source: str) -> Timeouts:
-    if raw is None:
-        return Timeouts()
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
-        total = _number(raw, where, source, minimum=0.001)
-        return Timeouts(connect=min(10.0, total), first_byte=total, total=total)
-    if not isinstance(raw, dict) or set(raw) - {"connect", "first_byte", "total"}:
-        raise ConfigError(f"{source}: {where}: expected seconds or a mapping of connect, first_byte, total")
+def _parse_timeout(raw: Any, where: str, p: _Problems) -> Timeouts:
     d = Timeouts()
+    if raw is None:
+        return d
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        total = _number(raw, where, p, minimum=0.001, default=d.total)
+        return Timeouts(connect=min(10.0, total), first_byte=total, total=total)
+    if not isinstance(raw, dict):
+        p.add(where, f"expected seconds or a mapping of {', '.join(sorted(_TIMEOUT_KEYS))}")
+        return d
+    _unknown_keys(raw, _TIMEOUT_KEYS, where, p)
     return Timeouts(
-        connect=_number(raw.get("connect", d.connect), f"{where}.connect", source, minimum=0.001),
-        first_byte=_number(raw.get("first_byte", d.first_byte), f"{where}.first_byte", source, minimum=0.001),
-        total=_number(raw.get("total", d.total), f"{where}.total", source, minimum=0.001),
+        connect=_number(
+            raw.get("connect", d.connect), f"{where}.connect", p, minimum=0.001, default=d.connect
+        ),
+        first_byte=_number(
+            raw.get("first_byte", d.first_byte), f"{where}.first_byte", p, minimum=0.001, default=d.first_byte
+        ),
+        total=_number(raw.get("total", d.total), f"{where}.total", p, minimum=0.001, default=d.total),
     )
 
 
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
 def _parse_backend(
-    raw: Any, where: str, model: str, index: int, env: Mapping[str, str], source: str
-) -> BackendConfig:
+    raw: Any, where: str, model: str, index: int, env: Mapping[str, str], p: _Problems
+) -> BackendConfig | None:
+    """One backend of a model; None (with its problems noted) when it cannot be used."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where}: expected a mapping with provider and its settings")
-    unknown = set(raw) - _BACKEND_KEYS
-    if unknown:
-        raise ConfigError(
-            f"{source}: {where}: unknown key(s) {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(sorted(_BACKEND_KEYS))}"
-        )
-    raw = _interpolate(raw, env, where, source)
+        p.add(where, "expected a mapping with provider and its settings")
+        return None
+    found_before = len(p.lines)
+    meant = _unknown_keys(raw, _BACKEND_KEYS, where, p)
+    unset: list[tuple[str, str]] = []
+    raw = {k: _interpolate(v, env, f"{where}.{k}", unset) for k, v in raw.items()}
+    for place, name in dict.fromkeys(unset):
+        p.add(place, f"uses ${{{name}}} but {name} is not set; export {name} (or write ${{{name}:-default}})")
+    # a value whose variable is unset, or a key that was misspelt, has had its line already: checking it
+    # further would only say the same thing again
+    said = meant | {place.removeprefix(f"{where}.").split(".", 1)[0].split("[", 1)[0] for place, _ in unset}
+
+    def check(key: str) -> bool:
+        return key not in said
+
     provider = raw.get("provider")
-    if provider not in PROVIDERS:
-        raise ConfigError(
-            f"{source}: {where}.provider: {provider!r} is not a provider; use one of {', '.join(PROVIDERS)}"
-        )
+    if provider not in PROVIDERS and check("provider"):
+        p.add(f"{where}.provider", _not_one_of(provider, "is not a provider", PROVIDERS))
     auth = raw.get("auth", "api_key")
-    if auth not in AUTH_METHODS:
-        raise ConfigError(f"{source}: {where}.auth: {auth!r} is unknown; use api_key or entra_id")
+    if auth not in AUTH_METHODS and check("auth"):
+        p.add(f"{where}.auth", _not_one_of(auth, "is unknown", AUTH_METHODS))
     api_key = raw.get("api_key")
     if api_key is not None and not isinstance(api_key, str):
-        raise ConfigError(f"{source}: {where}.api_key: expected a string (quote it)")
+        p.add(f"{where}.api_key", "expected a string (quote it)")
     api_version = str(raw.get("api_version") or DEFAULT_API_VERSION)
     endpoint = raw.get("endpoint")
     deployment = raw.get("deployment")
     base_url = raw.get("base_url")
+    default_name = f"{model}@mock"
     if provider == "azure":
-        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"{source}: {where}.endpoint: an azure backend needs endpoint: https://<resource>.openai.azure.com"
+        if not _is_url(endpoint) and check("endpoint"):
+            p.add(f"{where}.endpoint", "an azure backend needs endpoint: https://<resource>.openai.azure.com")
+        if not deployment and check("deployment"):
+            p.add(f"{where}.deployment", "an azure backend needs the deployment name")
+        if auth == "api_key" and not api_key and check("api_key"):
+            p.add(
+                f"{where}.api_key",
+                "an azure backend with auth: api_key needs api_key (e.g. api_key: ${AZURE_OPENAI_API_KEY}) "
+                "or auth: entra_id",
             )
-        if not deployment:
-            raise ConfigError(f"{source}: {where}.deployment: an azure backend needs the deployment name")
-        if auth == "api_key" and not api_key:
-            raise ConfigError(
-                f"{source}: {where}.api_key: an azure backend with auth: api_key needs api_key "
-                "(e.g. api_key: ${AZURE_OPENAI_API_KEY}) or auth: entra_id"
-            )
-        default_name = f"{model}@{_host(endpoint)}/{deployment}"
+        if _is_url(endpoint):
+            default_name = f"{model}@{_host(endpoint)}/{deployment}"
     elif provider == "openai":
         if base_url is None:
             base_url = "https://api.openai.com/v1"
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"{source}: {where}.base_url: expected an http(s) URL such as https://api.openai.com/v1"
-            )
+        if not _is_url(base_url) and check("base_url"):
+            p.add(f"{where}.base_url", "expected an http(s) URL such as https://api.openai.com/v1")
         if auth == "entra_id":
-            raise ConfigError(f"{source}: {where}.auth: entra_id is only for azure backends")
-        default_name = f"{model}@{_host(base_url)}"
-    else:
-        default_name = f"{model}@mock"
+            p.add(f"{where}.auth", "entra_id is only for azure backends")
+        if _is_url(base_url):
+            default_name = f"{model}@{_host(base_url)}"
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict):
-        raise ConfigError(f"{source}: {where}.headers: expected a mapping of header names to values")
+        p.add(f"{where}.headers", "expected a mapping of header names to values")
+        headers = {}
     max_parallel = raw.get("max_parallel")
-    if max_parallel is not None and (
-        not isinstance(max_parallel, int) or isinstance(max_parallel, bool) or max_parallel < 1
-    ):
-        raise ConfigError(f"{source}: {where}.max_parallel: expected a whole number >= 1")
+    if max_parallel is not None:
+        max_parallel = _whole(max_parallel, f"{where}.max_parallel", p, minimum=1, default=1)
+    # connections to this upstream per worker
+    max_connections = _whole(
+        raw.get("max_connections", DEFAULT_MAX_CONNECTIONS),
+        f"{where}.max_connections",
+        p,
+        minimum=1,
+        default=DEFAULT_MAX_CONNECTIONS,
+    )
     priority = raw.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ConfigError(f"{source}: {where}.priority: expected a whole number (lower is tried first)")
+        p.add(f"{where}.priority", "expected a whole number (lower is tried first)")
+    weight = _number(raw.get("weight", 1), f"{where}.weight", p, minimum=0.0, default=1.0)
+    timeout = _parse_timeout(raw.get("timeout"), f"{where}.timeout", p)
+    delay_ms = _number(raw.get("delay_ms", 20), f"{where}.delay_ms", p, default=20.0)
+    if len(p.lines) > found_before:
+        return None
     return BackendConfig(
         provider=provider,
         name=str(raw.get("name") or (default_name if index == 0 else f"{default_name}#{index}")),
@@ -567,10 +731,11 @@ def _parse_backend(
         organization=raw.get("organization"),
         headers={str(k): str(v) for k, v in headers.items()},
         priority=priority,
-        weight=_number(raw.get("weight", 1), f"{where}.weight", source, minimum=0.0),
-        timeout=_parse_timeout(raw.get("timeout"), f"{where}.timeout", source),
+        weight=weight,
+        timeout=timeout,
         max_parallel=max_parallel,
-        delay_ms=_number(raw.get("delay_ms", 20), f"{where}.delay_ms", source),
+        max_connections=max_connections,
+        delay_ms=delay_ms,
         token_scope=str(raw["token_scope"]) if raw.get("token_scope") else None,
     )
 
@@ -579,13 +744,14 @@ def _host(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0]
 
 
-def _check_unique(models: list[ModelConfig], source: str) -> None:
+def _check_unique(models: Sequence[tuple[str, ModelConfig]], p: _Problems) -> None:
+    """Names and aliases must be unique across models; `models` pairs each with the place it came from."""
     seen: dict[str, str] = {}
-    for m in models:
+    for place, m in models:
         for n in (m.name, *m.aliases):
             if n in seen:
-                raise ConfigError(
-                    f"{source}: model name {n!r} is used by both {seen[n]!r} and {m.name!r}; names and aliases "
-                    "must be unique"
+                p.add(
+                    place, f"model name {n!r} is already used by {seen[n]}; names and aliases must be unique"
                 )
-            seen[n] = m.name
+            else:
+                seen[n] = place

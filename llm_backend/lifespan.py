@@ -12,7 +12,8 @@ from typing import Any
 
 from llm_backend.api.validation import BODY_STATE_KEY
 from llm_backend.config import BackendConfig, Settings
-from llm_backend.metrics import Metrics
+from llm_backend.logthrottle import LogThrottle
+from llm_backend.metrics import OTHER, Metrics
 from llm_backend.services.operations import operation_of_path
 from llm_backend.services.proxy import Caller, ProxyService, RecordSink
 from llm_backend.upstream.base import Backend
@@ -21,6 +22,7 @@ from llm_backend.upstream.router import Router
 from llm_backend.upstream.sdk import SdkBackend
 
 logger = logging.getLogger(__name__)
+_rejections = LogThrottle(logging.getLogger("llm_backend.access"), interval=60.0)
 
 
 def make_backend(config: BackendConfig, settings: Settings, token_provider: Any = None) -> Backend:
@@ -54,6 +56,7 @@ class Resources:
     responses: Any = None  # llm_backend.services.responses.ResponsesService
     limiter: Any = None
     metrics: Metrics = field(default_factory=Metrics)
+    recorded_routes: frozenset[str] = frozenset()  # route templates of the model calls (POST /v1/…)
     extra_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = field(default_factory=list)
 
     async def authenticate(self, token: str, caller: Caller) -> dict[str, Any] | None:
@@ -69,67 +72,42 @@ class Resources:
             checks[name] = {"ok": ok, "message": message}
         return all(c["ok"] for c in checks.values()), checks
 
-    def on_request_done(self, caller: Caller, status: int, state: dict[str, Any]) -> None:
-        """Count every request; record the OpenAI-style ones that ended before reaching the proxy service."""
-        route = caller.route
-        if "/responses/" in route:
-            route = _response_route(route)
-        self.metrics.observe_request(
-            route if route.startswith(("/v1/", "/api/", "/admin/")) else _route_group(route),
+    def on_request_done(self, caller: Caller, status: int, state: dict[str, Any]) -> bool:
+        """Count every request; record the model calls that ended before reaching the proxy service.
+
+        Returns True for a request refused before authentication (an unknown route, no or a wrong key):
+        those are counted and summed up in one log line per interval instead of a line (and a row) each,
+        so a flood of junk grows neither the log nor the database."""
+        metrics = self.metrics
+        route = metrics.route_of(caller.route)
+        metrics.observe_request(
+            route,
             status,
-            caller.log.get("model"),
+            metrics.model_label(caller.log.get("model")),
             time.perf_counter() - caller.started,
             int(caller.log.get("tokens") or 0),
         )
-        if caller.recorded or not caller.route.startswith(("/v1/", "/openai/")):
-            return
+        if route == OTHER or status in (401, 405):
+            reason = "unauthenticated" if status == 401 else "unknown_route"
+            metrics.reject(reason)
+            _rejections.log(
+                reason,
+                logging.INFO,
+                "refused a request before authentication (%s): last from %s",
+                "no valid API key" if reason == "unauthenticated" else "no such route",
+                caller.client_ip,
+            )
+            return True
+        # Only model calls go to the request log: listing models or deployments, the conversations API and
+        # the admin routes use no tokens and bill nothing, and the access log and /metrics count them.
+        if caller.recorded or route not in self.recorded_routes:
+            return False
         body = state.get(BODY_STATE_KEY, (None, None))[0]
-        operation = operation_of_path(caller.route)
         error = caller.log.get("error") if status >= 400 else None
         self.proxy.record_rejection(
-            caller, operation, status, error, body if isinstance(body, dict) else None
+            caller, operation_of_path(route), status, error, body if isinstance(body, dict) else None
         )
-
-
-_V1_ROUTES = frozenset(
-    prefix + suffix
-    for prefix in ("/openai/v1", "/openai")
-    for suffix in (
-        "/chat/completions",
-        "/completions",
-        "/embeddings",
-        "/models",
-        "/responses",
-        "/responses/input_tokens",
-        "/responses/{response_id}",
-        "/responses/{response_id}/cancel",
-        "/responses/{response_id}/input_items",
-    )
-)
-
-
-def _response_route(path: str) -> str:
-    """A stored-response path with its id replaced (metric labels must not grow with the ids)."""
-    head, _, tail = path.partition("/responses/")
-    rid, slash, rest = tail.partition("/")
-    if rid == "input_tokens":
-        return path
-    return f"{head}/responses/{{response_id}}{slash}{rest}"
-
-
-def _route_group(path: str) -> str:
-    """The route template of a path, for metric labels (never the raw path: deployments vary)."""
-    if path.startswith("/openai/deployments/"):
-        for suffix in ("/chat/completions", "/completions", "/embeddings"):
-            if path.endswith(suffix):
-                return "/openai/deployments/{deployment}" + suffix
-        return "/openai/deployments"
-    if path.startswith("/openai/v1/models/"):
-        return "/openai/v1/models/{model}"
-    if path in _V1_ROUTES:
-        return path
-    known = ("/healthz", "/readyz", "/metrics", "/openai/models", "/openapi.json")
-    return path if path in known else "other"
+        return False
 
 
 async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) -> Resources:
@@ -146,7 +124,21 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
             backends[f"{model.name}/{bc.name}"] = backend
             stack.push_async_callback(backend.close)
     router = Router(settings.models, backends)
-    resources = Resources(settings=settings, router=router, proxy=ProxyService(router), backends=backends)
+    routes = spec_routes(settings)
+    resources = Resources(
+        settings=settings,
+        router=router,
+        proxy=ProxyService(router),
+        backends=backends,
+        metrics=Metrics(
+            models=(n for m in settings.models for n in (m.name, *m.aliases)), routes=routes.keys()
+        ),
+        recorded_routes=frozenset(
+            path
+            for path, methods in routes.items()
+            if "post" in methods and path.startswith(("/v1/", "/openai/"))
+        ),
+    )
     from llm_backend.storage import setup_storage
 
     await setup_storage(settings, resources, stack)
@@ -158,13 +150,24 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
     await setup_access(settings, resources, stack)
     resources.conversations = ConversationService(resources.engine, resources.proxy)
     from llm_backend.services.affinity import ResponseOwners
+    from llm_backend.services.dbguard import DatabaseGuard
     from llm_backend.services.responses import ResponsesService
 
-    owners = ResponseOwners(resources.engine)
+    owners_guard = DatabaseGuard(settings.db_statement_timeout_s)
+    stack.callback(owners_guard.close)
+    owners = ResponseOwners(resources.engine, guard=owners_guard)
     await owners.start()
     stack.push_async_callback(owners.stop)
     resources.responses = ResponsesService(resources.proxy, owners)
     return resources
+
+
+def spec_routes(settings: Settings) -> dict[str, frozenset[str]]:
+    """The spec's path templates and their methods."""
+    from llm_backend.app import load_spec  # the app module imports this one
+
+    paths = load_spec(settings).get("paths", {})
+    return {path: frozenset(m for m in item if m != "parameters") for path, item in paths.items()}
 
 
 def tune_gc() -> None:
@@ -176,6 +179,39 @@ def tune_gc() -> None:
 
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, 20_000), max(gen1, 20), max(gen2, 20))
+    if _gc_pauses.observe not in gc.callbacks:
+        gc.callbacks.append(_gc_pauses.observe)
+
+
+class GcPauses:
+    """Times the collector's full (generation 2) collections: they stop the event loop for as long as they
+    walk every live object, so thousands of held streams make them long; slow ones are logged (throttled)."""
+
+    def __init__(self, slow: float = 0.1) -> None:
+        self.slow = slow
+        self.full = 0
+        self.longest = 0.0
+        self.total = 0.0
+        self._started = 0.0
+        self._throttle = LogThrottle(logger, interval=60.0)
+
+    def observe(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        self.full += 1
+        self.total += took
+        self.longest = max(self.longest, took)
+        if took >= self.slow:
+            self._throttle.log(
+                "gc", logging.WARNING, "a full garbage collection paused the worker for %.0f ms", took * 1000
+            )
+
+
+_gc_pauses = GcPauses()
 
 
 def lifespan_for(

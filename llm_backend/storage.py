@@ -35,7 +35,12 @@ class SchemaCheck:
 async def setup_storage(settings: Settings, resources: Any, stack: contextlib.AsyncExitStack) -> None:
     from llm_backend.db.session import make_engine
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(
+        settings.database_url,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        statement_timeout_s=settings.db_statement_timeout_s,
+        pool_timeout_s=settings.db_pool_timeout_s,
+    )
     stack.callback(engine.dispose)
     resources.engine = engine
     check = SchemaCheck(engine)

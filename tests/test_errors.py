@@ -41,7 +41,7 @@ BAD_INPUTS = [
         400,
         "invalid_request_error",
         "messages",
-        "invalid_value",
+        "empty_array",  # OpenAI's code for it
     ),
     (
         "messages-not-array",
@@ -91,7 +91,14 @@ BAD_INPUTS = [
         "temperature",
         "invalid_type",
     ),
-    ("n-zero", {"model": "mock", "messages": M, "n": 0}, 400, "invalid_request_error", "n", "invalid_value"),
+    (
+        "n-zero",
+        {"model": "mock", "messages": M, "n": 0},
+        400,
+        "invalid_request_error",
+        "n",
+        "integer_below_min_value",
+    ),
     (
         "stream-yes",
         {"model": "mock", "messages": M, "stream": "yes"},
@@ -106,7 +113,7 @@ BAD_INPUTS = [
         400,
         "invalid_request_error",
         "max_tokens",
-        "invalid_value",
+        "integer_below_min_value",
     ),
     ("model-not-string", {"model": 5, "messages": M}, 400, "invalid_request_error", "model", "invalid_type"),
     ("body-is-array", [1, 2], 400, "invalid_request_error", None, "invalid_json"),

@@ -30,9 +30,11 @@ def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 def test_request_id_is_honoured(client) -> None:
+    # the client's id is echoed beside ours, never in its place
     r = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "my-trace.id:42"})
     assert r.status_code == 200
-    assert r.headers["x-request-id"] == "my-trace.id:42"
+    assert r.headers["x-client-request-id"] == "my-trace.id:42"
+    assert r.headers["x-request-id"].startswith("req_")
 
 
 def test_request_id_is_generated_when_absent_or_unusable(client) -> None:
@@ -42,23 +44,25 @@ def test_request_id_is_generated_when_absent_or_unusable(client) -> None:
     bad = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "has spaces <script>"})
     assert bad.headers["x-request-id"] != "has spaces <script>"
     assert re.fullmatch(r"[A-Za-z0-9._:\-]{1,128}", bad.headers["x-request-id"])
-    long = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "x" * 500})
-    assert long.headers["x-request-id"] != "x" * 500
+    long = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "x" * 600})
+    assert long.headers["x-request-id"] != "x" * 600
+    assert long.headers["x-client-request-id"] == "x" * 512  # bounded as OpenAI bounds X-Client-Request-Id
 
 
 def test_request_id_on_errors_streams_and_health(make_client) -> None:
     client = make_client(max_body_bytes=512)
     headers = {"X-Request-Id": "rid-1"}
+    echoed = "x-client-request-id"
     assert (
-        client.post("/v1/chat/completions", json={"model": "x"}, headers=headers).headers["x-request-id"]
-        == "rid-1"
+        client.post("/v1/chat/completions", json={"model": "x"}, headers=headers).headers[echoed] == "rid-1"
     )
-    assert client.get("/nowhere", headers=headers).headers["x-request-id"] == "rid-1"
+    assert client.get("/nowhere", headers=headers).headers[echoed] == "rid-1"
     big = {"model": "mock", "messages": [{"role": "user", "content": "y" * 1000}]}
-    assert client.post("/v1/chat/completions", json=big, headers=headers).headers["x-request-id"] == "rid-1"
+    assert client.post("/v1/chat/completions", json=big, headers=headers).headers[echoed] == "rid-1"
     streamed = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=headers)
-    assert streamed.headers["x-request-id"] == "rid-1"
-    assert client.get("/healthz", headers=headers).headers["x-request-id"] == "rid-1"
+    assert streamed.headers[echoed] == "rid-1"
+    assert streamed.headers["x-request-id"].startswith("req_")
+    assert client.get("/healthz", headers=headers).headers[echoed] == "rid-1"
 
 
 # -- health, spec, docs, metrics ----------------------------------------------------------------------------
@@ -156,7 +160,7 @@ def test_metrics_route_label_of_azure_chat(client) -> None:
 def test_one_access_line_per_request(client, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers={"X-Request-Id": "log-1"})
-    lines = [r for r in access_records(caplog) if getattr(r, "request_id", None) == "log-1"]
+    lines = [r for r in access_records(caplog) if getattr(r, "client_request_id", None) == "log-1"]
     assert len(lines) == 1
     rec = lines[0]
     assert rec.status == 200  # type: ignore[attr-defined]
@@ -202,7 +206,9 @@ def test_client_disconnect_mid_stream_closes_the_relay(serve, caplog: pytest.Log
         deadline = time.monotonic() + 5
         lines: list[logging.LogRecord] = []
         while time.monotonic() < deadline and not lines:
-            lines = [rec for rec in access_records(caplog) if getattr(rec, "request_id", None) == "gone-1"]
+            lines = [
+                rec for rec in access_records(caplog) if getattr(rec, "client_request_id", None) == "gone-1"
+            ]
             time.sleep(0.02)
         assert lines, "the request never finished after the client went away"
         assert lines[0].outcome == "client_disconnected"  # type: ignore[attr-defined]

@@ -146,7 +146,8 @@ def test_sync_request_id_is_exposed(mock_url: str) -> None:
         raw = client.chat.completions.with_raw_response.create(
             model="mock", messages=USER_MESSAGES, extra_headers={"X-Request-Id": "sdk-req-1"}
         )
-    assert raw.headers["x-request-id"] == "sdk-req-1"
+    assert raw.headers["x-client-request-id"] == "sdk-req-1"
+    assert raw.headers["x-request-id"].startswith("req_")
     assert raw.parse().choices[0].message.role == "assistant"
 
 

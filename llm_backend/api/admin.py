@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from llm_backend.api.common import body, caller, json_response, resources
+from llm_backend.api.common import body, caller, json_response, parse_time, resources
 from llm_backend.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 
 
@@ -31,9 +31,16 @@ async def list_keys(owner: str | None = None) -> Response:
     return json_response({"object": "list", "data": await asyncio.to_thread(res.key_store.list, owner)})
 
 
+def _checked_expiry(data: dict[str, Any]) -> dict[str, Any]:
+    """The key body, its `expires_at` checked to be a time we can store (a time past 9999 in UTC is not)."""
+    if isinstance(data.get("expires_at"), str) and data.get("expires_in") is None:
+        parse_time(data["expires_at"], "expires_at")
+    return data
+
+
 async def create_key() -> Response:
     res = _require_admin()
-    info, secret = await asyncio.to_thread(res.key_store.create, body())
+    info, secret = await asyncio.to_thread(res.key_store.create, _checked_expiry(body()))
     return json_response({**info, "key": secret}, 201)
 
 
@@ -44,7 +51,7 @@ async def get_key(key_id: str) -> Response:
 
 async def update_key(key_id: str) -> Response:
     res = _require_admin()
-    info = await asyncio.to_thread(res.key_store.update, key_id, body())
+    info = await asyncio.to_thread(res.key_store.update, key_id, _checked_expiry(body()))
     res.authenticator.invalidate()
     return json_response(info)
 
@@ -63,21 +70,31 @@ async def delete_key(key_id: str) -> Response:
     return json_response({"id": key_id, "object": "api_key.deleted", "deleted": True})
 
 
-def _since(value: str | None) -> datetime:
-    from llm_backend.durations import parse_duration
+def _since(value: str | None, now: datetime) -> datetime:
+    """`since`: an ISO time, or a duration back from now (7d, 24h; at most a hundred years)."""
+    from llm_backend.durations import DurationTooLong, parse_duration
 
-    now = datetime.now(UTC)
-    if not value:
-        return now - parse_duration("30d")
     try:
-        return now - parse_duration(value)
+        return now - parse_duration(value or "30d")
+    except DurationTooLong as exc:
+        raise InvalidRequest(
+            f"Invalid value for 'since': {exc}.", param="since", code="invalid_value"
+        ) from None
     except ValueError:
         pass
     try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest("'since' must be an ISO time or a duration such as 7d.", param="since") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+        return parse_time(value or "", "since")
+    except InvalidRequest:
+        raise InvalidRequest(
+            "Invalid value for 'since': expected an ISO 8601 time or a duration such as 7d or 24h.",
+            param="since",
+            code="invalid_value",
+        ) from None
+
+
+def _window(since: str | None, until: str | None) -> tuple[datetime, datetime]:
+    now = datetime.now(UTC)
+    return _since(since, now), parse_time(until, "until") if until else now
 
 
 async def get_usage(
@@ -86,19 +103,44 @@ async def get_usage(
     group_by: str = "key,model",
     key_id: str | None = None,
     model: str | None = None,
+    client_request_id: str | None = None,
 ) -> Response:
     res = _require_admin()
     from llm_backend.services.usage import usage_report
 
-    try:
-        end = datetime.fromisoformat(until.replace("Z", "+00:00")) if until else datetime.now(UTC)
-    except ValueError:
-        raise InvalidRequest("'until' must be an ISO time.", param="until") from None
+    start, end = _window(since, until)
     groups = [g.strip() for g in group_by.split(",") if g.strip()]
     try:
-        rows = await asyncio.to_thread(usage_report, res.engine, _since(since), end, groups, key_id, model)
+        rows = await asyncio.to_thread(
+            usage_report, res.engine, start, end, groups, key_id, model, client_request_id
+        )
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="group_by") from None
+    return json_response({"object": "list", "data": rows})
+
+
+async def list_requests(
+    since: str | None = None,
+    until: str | None = None,
+    client_request_id: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+    limit: int = 100,
+) -> Response:
+    res = _require_admin()
+    from llm_backend.services.usage import request_list
+
+    start, end = _window(since, until)
+    rows = await asyncio.to_thread(
+        request_list,
+        res.engine,
+        start,
+        end,
+        client_request_id=client_request_id,
+        key_id=key_id,
+        model=model,
+        limit=limit,
+    )
     return json_response({"object": "list", "data": rows})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -11,6 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llm_backend.api.validation import BODY_STATE_KEY
+from llm_backend.errors import InvalidRequest
 from llm_backend.services.proxy import Caller, JsonResult, StreamResult
 
 if TYPE_CHECKING:
@@ -38,6 +40,21 @@ def body_and_raw() -> tuple[dict[str, Any], bytes]:
 
 def body() -> dict[str, Any]:
     return body_and_raw()[0]
+
+
+def parse_time(value: str, name: str) -> datetime:
+    """An ISO 8601 time from a query or a body as an aware UTC datetime (no zone: UTC); InvalidRequest
+    naming `name` when it is not one, or lies outside years 1 to 9999 once in UTC (what we can store)."""
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise InvalidRequest(
+            f"Invalid value for '{name}': expected an ISO 8601 time such as 2026-01-31T12:00:00Z "
+            "(in UTC between the years 1 and 9999).",
+            param=name,
+            code="invalid_value",
+        ) from None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

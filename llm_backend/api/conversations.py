@@ -6,8 +6,7 @@ from datetime import datetime
 
 from starlette.responses import Response
 
-from llm_backend.api.common import body, caller, json_response, resources, to_response
-from llm_backend.errors import InvalidRequest
+from llm_backend.api.common import body, caller, json_response, parse_time, resources, to_response
 from llm_backend.services.conversations import ConversationService
 
 
@@ -16,12 +15,7 @@ def _service() -> ConversationService:
 
 
 def _time(value: str | None, name: str) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"'{name}' must be an ISO 8601 time.", param=name) from None
+    return parse_time(value, name) if value else None
 
 
 async def list_conversations(

@@ -9,7 +9,8 @@ from typing import Any
 import fastjsonschema
 import orjson
 from connexion.json_schema import Draft4RequestValidator
-from connexion.validators import JSONRequestBodyValidator
+from connexion.utils import is_null, is_nullable
+from connexion.validators import JSONRequestBodyValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
 from jsonschema.exceptions import best_match
 from starlette.types import Scope
@@ -67,16 +68,19 @@ def _pick(error: ValidationError) -> ValidationError:
             if not role_ok:
                 return error  # no branch has this role: report the role itself
             return _pick(best_match([e for errs in role_ok for e in errs]))
-        picked = best_match(error.context)
+        # a branch of the value's own type says what is wrong better than "expected another type"
+        same_type = [e for e in error.context if e.validator != "type" or e.relative_path]
+        picked = best_match(same_type or error.context)
         if picked is error:
             break
         error = picked
     return error
 
 
-def to_invalid_request(error: ValidationError) -> InvalidRequest:
+def to_invalid_request(error: ValidationError, prefix: Iterable[Any] = ()) -> InvalidRequest:
+    """A jsonschema error as OpenAI words it; `prefix` names the value validated (a query parameter)."""
     error = _pick(error)
-    path = list(error.absolute_path)
+    path = [*prefix, *error.absolute_path]
     param = param_of(path)
     instance = error.instance
     if error.validator == "required":
@@ -110,15 +114,77 @@ def to_invalid_request(error: ValidationError) -> InvalidRequest:
             code="invalid_type",
         )
     if error.validator == "enum":
-        allowed = ", ".join(f"'{v}'" for v in error.validator_value)
+        allowed = ", ".join(f"'{v}'" for v in error.validator_value if v is not None)
         return InvalidRequest(
             f"Invalid value: '{instance}'. Supported values are: {allowed}.",
             param=param,
             code="invalid_value",
         )
-    if error.validator in ("minimum", "maximum", "minItems", "maxItems", "minLength"):
-        return InvalidRequest(f"Invalid '{param}': {error.message}.", param=param, code="invalid_value")
-    return InvalidRequest(f"Invalid '{param or 'body'}': {error.message}.", param=param, code="invalid_value")
+    bound = _bound_message(error, param or "body")
+    if bound is not None:
+        return bound
+    if error.validator == "additionalProperties" and isinstance(instance, dict):
+        known = set(error.schema.get("properties") or ())
+        extra = sorted(k for k in instance if k not in known)
+        name = param_of([*path, extra[0]]) if extra else param
+        return InvalidRequest(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+    if error.validator == "format":
+        return InvalidRequest(
+            f"Invalid value for '{param}': expected {_FORMATS.get(str(error.validator_value), 'a ' + str(error.validator_value))}.",
+            param=param,
+            code="invalid_value",
+        )
+    return InvalidRequest(f"Invalid value for '{param or 'body'}'.", param=param, code="invalid_value")
+
+
+_FORMATS = {
+    "date-time": "an ISO 8601 date and time such as 2026-01-31T12:00:00Z",
+    "date": "a date (YYYY-MM-DD)",
+}
+
+
+_LENGTHS = {
+    "minItems": ("array", "min"),
+    "maxItems": ("array", "max"),
+    "minLength": ("string", "min"),
+    "maxLength": ("string", "max"),
+}
+
+
+def _bound_message(error: ValidationError, param: str) -> InvalidRequest | None:
+    """OpenAI's wording for values out of bounds: "Invalid 'n': integer above maximum value. Expected a
+    value <= 128, but got 130 instead." (code integer_above_max_value), and its like for lengths."""
+    limit = error.validator_value
+    got = error.instance
+    kind = "integer" if error.schema.get("type") == "integer" else "decimal"
+    if error.validator in ("minimum", "maximum"):
+        side, word, op = ("below", "min", ">=") if error.validator == "minimum" else ("above", "max", "<=")
+        return InvalidRequest(
+            f"Invalid '{param}': {kind} {side} {word}imum value. Expected a value {op} {limit}, "
+            f"but got {got} instead.",
+            param=param,
+            code=f"{kind}_{side}_{word}_value",
+        )
+    if error.validator in _LENGTHS:
+        noun, word = _LENGTHS[error.validator]
+        if not isinstance(got, list if noun == "array" else str):
+            return None
+        a = "an" if noun == "array" else "a"
+        if word == "min" and not got:
+            return InvalidRequest(
+                f"Invalid '{param}': empty {noun}. Expected {a} {noun} with minimum length {limit}, "
+                f"but got an empty {noun} instead.",
+                param=param,
+                code=f"empty_{noun}",
+            )
+        side, short = ("below", "too short") if word == "min" else ("above", "too long")
+        return InvalidRequest(
+            f"Invalid '{param}': {noun} {short}. Expected {a} {noun} with {word}imum length {limit}, "
+            f"but got {a} {noun} with length {len(got)} instead.",
+            param=param,
+            code=f"{noun}_{side}_{word}_length",
+        )
+    return None
 
 
 def to_json_schema(schema: Any) -> Any:
@@ -285,6 +351,13 @@ class OpenAIJSONBodyValidator(JSONRequestBodyValidator):
                 f"We could not parse the JSON body of your request ({exc}). The body must be valid JSON.",
                 code="invalid_json",
             ) from None
+        if not isinstance(body, dict):
+            # null, an array, a string or a number: refused here, so no handler ever sees one (a JSON
+            # null would otherwise pass as "no body" on routes whose body is optional)
+            got = _TYPE_NAMES[_json_type(body)]
+            raise InvalidRequest(
+                f"The request body must be a JSON object, but got {got} instead.", code="invalid_json"
+            )
         scope.setdefault("state", {})[BODY_STATE_KEY] = (body, raw)
         return body
 
@@ -293,10 +366,39 @@ class OpenAIJSONBodyValidator(JSONRequestBodyValidator):
             if not self._required:
                 return None
             raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         try:
             self._validator.validate(body)
         except ValidationError as exc:
             raise to_invalid_request(exc) from None
         return None
+
+
+class OpenAIParameterValidator(ParameterValidator):
+    """Query, path and header parameters checked as the spec says, with OpenAI's wording for what is wrong
+    ("Invalid value: 'pdf'. Supported values are: 'json', 'markdown'.") instead of jsonschema's text."""
+
+    @staticmethod
+    def validate_parameter(parameter_type: str, value: Any, param: Any, param_name: Any = None) -> None:
+        if is_nullable(param) and is_null(value):
+            return None
+        name = str(param.get("name"))
+        if value is None:
+            if param.get("required"):
+                raise InvalidRequest(
+                    f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
+                )
+            return None
+        schema = param.get("schema", param)
+        validator = _PARAM_VALIDATORS.get(id(schema))
+        if validator is None or validator[0] is not schema:
+            validator = _PARAM_VALIDATORS[id(schema)] = (
+                schema,
+                Draft4Validator(schema, format_checker=Draft4Validator.FORMAT_CHECKER),
+            )
+        error = best_match(validator[1].iter_errors(value))
+        if error is not None:
+            raise to_invalid_request(error, prefix=[name])
+        return None
+
+
+_PARAM_VALIDATORS: dict[int, tuple[Any, Draft4Validator]] = {}

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from llm_backend.db.base import Base, JSONType, UTCDateTime, utcnow
 from llm_backend.db.ids import new_api_key_id, new_uuid7
+from llm_backend.db.storable import storable
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,15 @@ class RequestLog(Base):
     user: Mapped[str | None] = mapped_column(sa.String(255))
     client_ip: Mapped[str | None] = mapped_column(sa.String(64))
     conversation_id: Mapped[str | None] = mapped_column(sa.String(64))
+    # what the client sent as its own id (X-Client-Request-Id, x-ms-client-request-id or X-Request-Id)
+    client_request_id: Mapped[str | None] = mapped_column(sa.String(512))
 
     __table_args__ = (
         sa.Index("ix_request_log_created_at", "created_at"),
         sa.Index("ix_request_log_key_id_created_at", "key_id", "created_at"),
         sa.Index("ix_request_log_model_created_at", "model", "created_at"),
         sa.Index("ix_request_log_conversation_id", "conversation_id"),
+        sa.Index("ix_request_log_client_request_id", "client_request_id"),
     )
 
 
@@ -75,6 +79,11 @@ class Conversation(Base):
     total_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default=sa.text("0"))
     message_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default=sa.text("0"))
     transcript_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    # The client's own chat id (e.g. Open WebUI's X-OpenWebUI-Chat-Id), unique per owner, never global.
+    external_id: Mapped[str | None] = mapped_column(sa.String(255))
+    # Transcript hash of the exchange this conversation's first record continued but could not find
+    # (written later by another worker); the record that has it adopts this conversation.
+    parent_hash: Mapped[str | None] = mapped_column(sa.String(64))
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -88,6 +97,8 @@ class Conversation(Base):
         sa.Index("ix_conversations_updated_at_id", "updated_at", "id"),
         sa.Index("ix_conversations_transcript_hash", "transcript_hash"),
         sa.Index("ix_conversations_model", "model"),
+        sa.Index("ux_conversations_owner_external_id", "owner", "external_id", unique=True),
+        sa.Index("ix_conversations_parent_hash", "parent_hash"),
     )
 
 
@@ -165,3 +176,24 @@ class ResponseOwner(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (sa.Index("ix_response_owners_created_at", "created_at"),)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every text set on a model is made storable (U+0000 → U+FFFD, see llm_backend.db.storable): PostgreSQL
+# refuses NUL in text and JSONB, so a NUL in a key's name, a title, a system prompt or a message would
+# otherwise fail the write (and SQLite would store what PostgreSQL cannot). Writes through Core (the
+# recorder's batch inserts) are made storable before they are built, in llm_backend.recording.
+
+
+def _storable_on_set(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
+    return storable(value)
+
+
+def _listen_to_texts(*models: type[Base]) -> None:
+    for model in models:
+        for attr in sa.inspect(model).column_attrs:
+            if isinstance(attr.columns[0].type, sa.String | sa.JSON):
+                sa.event.listen(getattr(model, attr.key), "set", _storable_on_set, retval=True)
+
+
+_listen_to_texts(RequestLog, Conversation, Message, ApiKey, ResponseOwner)

@@ -55,6 +55,15 @@ class UsageRow:
     reasoning_tokens: int
 
 
+def _request_filters(stmt: Any, since: datetime, until: datetime, **equal: str | None) -> Any:
+    """`stmt` limited to rows created in [since, until) whose columns equal the given values (None: any)."""
+    stmt = stmt.where(RequestLog.created_at >= since, RequestLog.created_at < until)
+    for column, value in equal.items():
+        if value is not None:
+            stmt = stmt.where(getattr(RequestLog, column) == value)
+    return stmt
+
+
 class RequestLogRepository:
     """The request log: one row per request id, inserted idempotently, summarised for usage reports."""
 
@@ -100,6 +109,28 @@ class RequestLogRepository:
     def count(self) -> int:
         return int(self.session.scalar(sa.select(sa.func.count()).select_from(RequestLog)) or 0)
 
+    def search(
+        self,
+        *,
+        since: datetime,
+        until: datetime,
+        client_request_id: str | None = None,
+        key_id: str | None = None,
+        model: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[RequestLog]:
+        """Rows over [since, until), newest first, filtered by the client's request id, key or model."""
+        stmt = _request_filters(
+            sa.select(RequestLog),
+            since,
+            until,
+            key_id=key_id,
+            model=model,
+            client_request_id=client_request_id,
+        )
+        stmt = stmt.order_by(RequestLog.created_at.desc(), RequestLog.request_id.desc()).limit(limit)
+        return builtins.list(self.session.scalars(stmt))
+
     def _day_expr(self) -> sa.ColumnElement[str]:
         if self.session.get_bind().dialect.name == "postgresql":
             return sa.func.to_char(sa.func.timezone("UTC", RequestLog.created_at), "YYYY-MM-DD")
@@ -114,6 +145,7 @@ class RequestLogRepository:
         group_by: Sequence[str] = ("key", "model", "day"),
         key_id: str | None = None,
         model: str | None = None,
+        client_request_id: str | None = None,
     ) -> list[UsageRow]:
         """Token and request totals over [since, until), grouped by any of key/model/day/user/backend."""
         bad = set(group_by) - set(USAGE_GROUPS)
@@ -142,11 +174,10 @@ class RequestLogRepository:
             total(RequestLog.total_tokens).label("total_tokens"),
             total(RequestLog.cached_tokens).label("cached_tokens"),
             total(RequestLog.reasoning_tokens).label("reasoning_tokens"),
-        ).where(RequestLog.created_at >= since, RequestLog.created_at < until)
-        if key_id is not None:
-            stmt = stmt.where(RequestLog.key_id == key_id)
-        if model is not None:
-            stmt = stmt.where(RequestLog.model == model)
+        )
+        stmt = _request_filters(
+            stmt, since, until, key_id=key_id, model=model, client_request_id=client_request_id
+        )
         if keys:
             stmt = stmt.group_by(*[group_cols[g] for g in keys]).order_by(*[group_cols[g] for g in keys])
         rows = []
@@ -226,6 +257,8 @@ class ConversationRepository:
         system_prompt: str | None = None,
         conversation_id: str | None = None,
         created_at: datetime | None = None,
+        external_id: str | None = None,
+        parent_hash: str | None = None,
     ) -> Conversation:
         when = _aware(created_at) if created_at else utcnow()
         conv = Conversation(
@@ -234,6 +267,8 @@ class ConversationRepository:
             owner=owner,
             model=model,
             system_prompt=system_prompt,
+            external_id=external_id,
+            parent_hash=parent_hash,
             created_at=when,
             updated_at=when,
             prompt_tokens=0,
@@ -257,6 +292,16 @@ class ConversationRepository:
             stmt = stmt.options(selectinload(Conversation.messages))
         return self.session.scalars(stmt).first()
 
+    def get_by_external_id(self, external_id: str, *, owner: str | None) -> Conversation | None:
+        """The conversation that `owner` (None: no owner) keys by the client's chat id `external_id`."""
+        owner_clause = Conversation.owner.is_(None) if owner is None else Conversation.owner == owner
+        stmt = (
+            sa.select(Conversation)
+            .where(Conversation.external_id == external_id, owner_clause)
+            .options(selectinload(Conversation.messages))
+        )
+        return self.session.scalars(stmt).first()
+
     def messages(self, conversation_id: str) -> list[Message]:
         stmt = sa.select(Message).where(Message.conversation_id == conversation_id).order_by(Message.position)
         return list(self.session.scalars(stmt))
@@ -265,18 +310,23 @@ class ConversationRepository:
         self,
         *,
         owner: str | None = None,
-        model: str | None = None,
+        model: str | Sequence[str] | None = None,
         created_from: datetime | None = None,
         created_to: datetime | None = None,
         q: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
     ) -> ConversationPage:
-        """Conversations by (updated_at, id) descending; `q` searches titles case-insensitively."""
+        """Conversations by (updated_at, id) descending; `q` searches titles case-insensitively.
+
+        `model` is a name or several (a model and its aliases): a conversation recorded under any matches.
+        """
         limit = max(1, min(int(limit), 1000))
         stmt = self._owned(sa.select(Conversation), owner)
-        if model is not None:
+        if isinstance(model, str):
             stmt = stmt.where(Conversation.model == model)
+        elif model is not None:
+            stmt = stmt.where(Conversation.model.in_(list(model)))
         if created_from is not None:
             stmt = stmt.where(Conversation.created_at >= created_from)
         if created_to is not None:
@@ -363,19 +413,20 @@ class ConversationRepository:
         return added
 
     def find_by_transcript_hash(
-        self, hashes: str | Sequence[str], *, owner: str | None
+        self, hashes: str | Sequence[str], *, owner: str | None, unkeyed: bool = False
     ) -> Conversation | None:
-        """The most recently updated conversation of `owner` (None matches no owner) with one of `hashes`."""
+        """The most recently updated conversation of `owner` (None matches no owner) with one of `hashes`.
+
+        `unkeyed` considers only conversations without a client chat id (external_id).
+        """
         wanted = [hashes] if isinstance(hashes, str) else list(hashes)
         if not wanted:
             return None
         owner_clause = Conversation.owner.is_(None) if owner is None else Conversation.owner == owner
-        stmt = (
-            sa.select(Conversation)
-            .where(Conversation.transcript_hash.in_(wanted), owner_clause)
-            .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
-            .limit(1)
-        )
+        stmt = sa.select(Conversation).where(Conversation.transcript_hash.in_(wanted), owner_clause)
+        if unkeyed:
+            stmt = stmt.where(Conversation.external_id.is_(None))
+        stmt = stmt.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(1)
         return self.session.scalars(stmt).first()
 
 
@@ -493,3 +544,22 @@ class ApiKeyRepository:
             .values(last_used_at=when or utcnow())
             .execution_options(synchronize_session=False)
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Budget windows
+
+
+def key_token_totals(
+    session: Session, key_id: str, day_start: datetime, month_start: datetime
+) -> tuple[int, int]:
+    """Tokens a key used since `day_start` and since `month_start` (both UTC, one indexed range scan from the
+    earlier of the two): what the limiter's budget counters are re-seeded from after they were lost."""
+    since = min(day_start, month_start)
+    total = RequestLog.total_tokens
+    stmt = sa.select(
+        sa.func.coalesce(sa.func.sum(sa.case((RequestLog.created_at >= day_start, total), else_=0)), 0),
+        sa.func.coalesce(sa.func.sum(sa.case((RequestLog.created_at >= month_start, total), else_=0)), 0),
+    ).where(RequestLog.key_id == key_id, RequestLog.created_at >= since)
+    day, month = session.execute(stmt).one()
+    return int(day or 0), int(month or 0)

@@ -12,7 +12,9 @@ from .base import (
     LimitExceeded,
     RateLimitState,
     Reservation,
+    SeedNeeded,
     format_duration,
+    month_start,
 )
 from .estimate import estimate_tokens
 from .memory import InMemoryLimiter
@@ -28,7 +30,9 @@ def make_limiter(redis_url: str | None, *, fail_open: bool, **options: Any) -> L
 
         return RedisLimiter(redis_url, fail_open=fail_open, **options)
     options.pop("prefix", None)
-    return InMemoryLimiter(**{k: v for k, v in options.items() if k in ("window_s", "lease_s", "clock")})
+    return InMemoryLimiter(
+        **{k: v for k, v in options.items() if k in ("window_s", "lease_s", "clock", "seed_budgets")}
+    )
 
 
 __all__ = [
@@ -39,7 +43,9 @@ __all__ = [
     "LimiterUnavailable",
     "RateLimitState",
     "Reservation",
+    "SeedNeeded",
     "estimate_tokens",
     "format_duration",
     "make_limiter",
+    "month_start",
 ]

@@ -13,8 +13,10 @@ LimitKind = Literal["requests", "tokens", "parallel", "daily_budget", "monthly_b
 #: Length of the RPM/TPM window in seconds. Implementations take it as a constructor argument so that
 #: tests can use a one-second window instead of sleeping for a minute.
 DEFAULT_RATE_WINDOW_S = 60.0
-#: How long a parallel slot stays taken when settle() never comes (the worker died mid-request).
-DEFAULT_LEASE_S = 900.0
+#: How long a request's in-flight lease (its parallel slot) lasts when nobody renews it: the limiter renews
+#: the leases of its live requests every lease/3 seconds, so a long stream keeps its slot, and the slot of a
+#: request whose worker died (or whose settle could not reach the store) frees within this time.
+DEFAULT_LEASE_S = 30.0
 #: Retry hint for a full set of parallel slots: the time a slot frees up is unknown.
 PARALLEL_RETRY_AFTER_S = 1.0
 #: Float tolerance when comparing token/request levels against a limit.
@@ -149,7 +151,19 @@ class LimiterUnavailable(Exception):
     """The limiter's store is unreachable and the limiter is configured to fail closed (API: 503)."""
 
 
-@dataclass(slots=True)
+class SeedNeeded(Exception):
+    """acquire() found no counter for a budget window of the key (a restarted or flushed store, a fresh
+    worker, a new day): nothing was taken. Load the key's usage of that day and month from the request log,
+    hand it to seed(), then acquire again."""
+
+    def __init__(self, key_id: str, day: int, month: int) -> None:
+        super().__init__(f"budget counters of key {key_id} need seeding for day {day}, month {month}")
+        self.key_id = key_id
+        self.day = day
+        self.month = month
+
+
+@dataclass(slots=True, weakref_slot=True)
 class Reservation:
     """What acquire() took for one request; hand it to settle() exactly once when the request ends."""
 
@@ -161,7 +175,7 @@ class Reservation:
     acquired_at: float = 0.0  # the limiter's clock (Redis TIME for Redis) when the tokens were reserved
     day: int = 0  # UTC day number (days since the epoch) the budget reservation was booked on
     month: int = 0  # UTC month number (year * 12 + month - 1) the budget reservation was booked on
-    parallel_slot: bool = False  # a parallel slot was taken and must be released
+    parallel_slot: bool = False  # counted against max_parallel (every live reservation holds a lease)
     degraded: bool = False  # the limiter's store was unreachable and the request went through unchecked
     settled: bool = False
 
@@ -187,8 +201,13 @@ class Limiter(abc.ABC):
     - Admission is strict: a request is refused if its reservation does not fit what is left. A reservation
       larger than the whole limit fits only an empty bucket/budget, so such a request can still run once;
       usage can then exceed a limit by at most that one reservation (or by usage above the reservation).
-    - A parallel slot is a lease (lease_s, default 15 min) released by settle(), or when the lease expires
-      if settle() never comes (a worker died).
+    - Every admitted request holds an in-flight lease (lease_s, default 30 s) that counts against
+      max_parallel. The limiter renews the leases of its unsettled reservations in the background, so long
+      streams keep theirs; settle() releases it. A settle that cannot reach the store is retried until it
+      lands, and settling is idempotent (the lease is the proof that it has not been applied yet); if it
+      never lands (the worker died) the lease simply expires.
+    - With seed_budgets, a budget window whose counter is missing (a restarted store, a fresh worker, a new
+      day) admits nothing until seed() has put the request log's usage of that window in (SeedNeeded).
     - Token usage per UTC day/month is counted even without a budget (for usage() and for a budget set later).
     - A limit of 0 refuses every request; None is unlimited.
     """
@@ -206,6 +225,11 @@ class Limiter(abc.ABC):
     @abc.abstractmethod
     async def usage(self, key_id: str, limits: KeyLimits) -> dict[str, Any]:
         """Current counters of one key, for admin/status pages."""
+
+    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:  # noqa: B027
+        """Put a budget window's usage from the request log in, after SeedNeeded. A counter keeps the larger
+        of what it has and what it is given (see the implementations); a seed for a day (month) that is no
+        longer the current one is ignored."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -231,6 +255,11 @@ def utc_month(now: float) -> int:
     return d.year * 12 + d.month - 1
 
 
+def month_start(month: int) -> float:
+    """The UTC timestamp at which month number `month` (year * 12 + month - 1) begins."""
+    return datetime(month // 12, month % 12 + 1, 1, tzinfo=UTC).timestamp()
+
+
 def seconds_to_next_day(now: float) -> float:
     """Seconds until the next UTC midnight."""
     return (utc_day(now) + 1) * 86400 - now
@@ -238,9 +267,7 @@ def seconds_to_next_day(now: float) -> float:
 
 def seconds_to_next_month(now: float) -> float:
     """Seconds until 00:00 UTC on the first day of the next month."""
-    nxt = utc_month(now) + 1
-    start = datetime(nxt // 12, nxt % 12 + 1, 1, tzinfo=UTC).timestamp()
-    return start - now
+    return month_start(utc_month(now) + 1) - now
 
 
 def rate_state(

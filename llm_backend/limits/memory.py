@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from .base import (
     LimitExceeded,
     LimitKind,
     Reservation,
+    SeedNeeded,
     rate_state,
     seconds_to_next_day,
     seconds_to_next_month,
@@ -41,6 +43,8 @@ class _KeyState:
     day_used: int = 0
     month: int = -1
     month_used: int = 0
+    seeded_day: int = -1  # the day (month) whose budget counter has been seeded from the request log
+    seeded_month: int = -1
 
 
 def _drain(level: float, ts: float, limit: int | None, now: float, window_s: float) -> float:
@@ -49,11 +53,23 @@ def _drain(level: float, ts: float, limit: int | None, now: float, window_s: flo
     return max(0.0, level - (now - ts) * limit / window_s)
 
 
+def _roll(st: _KeyState, now: float) -> None:
+    """Start a new budget day (month) when `now` is past the one the state counts."""
+    day, month = utc_day(now), utc_month(now)
+    if st.day != day:
+        st.day, st.day_used = day, 0
+    if st.month != month:
+        st.month, st.month_used = month, 0
+
+
 class InMemoryLimiter(Limiter):
     """Limits kept in this process's memory.
 
     Every check-and-update happens without an await in between, so it is atomic within one event loop.
     Several gunicorn workers each keep their own counters: use RedisLimiter there.
+
+    A lease here is renewed for as long as its Reservation object lives unsettled (a weak reference: no
+    background task); a reservation dropped without settle() frees its slot when its lease runs out.
     """
 
     def __init__(
@@ -62,11 +78,14 @@ class InMemoryLimiter(Limiter):
         window_s: float = DEFAULT_RATE_WINDOW_S,
         lease_s: float = DEFAULT_LEASE_S,
         clock: Callable[[], float] = time.time,
+        seed_budgets: bool = False,
     ) -> None:
         self.window_s = window_s
         self.lease_s = lease_s
+        self.seed_budgets = seed_budgets
         self._clock = clock
         self._keys: dict[str, _KeyState] = {}
+        self._live: weakref.WeakValueDictionary[str, Reservation] = weakref.WeakValueDictionary()
 
     def _refresh(self, key_id: str, limits: KeyLimits, now: float) -> _KeyState:
         """Drain the buckets, roll the budget windows over and drop expired leases, as of now."""
@@ -77,14 +96,13 @@ class InMemoryLimiter(Limiter):
         st.requests_ts = max(st.requests_ts, now)
         st.tokens_level = _drain(st.tokens_level, st.tokens_ts, limits.tpm, now, self.window_s)
         st.tokens_ts = max(st.tokens_ts, now)
-        day, month = utc_day(now), utc_month(now)
-        if st.day != day:
-            st.day, st.day_used = day, 0
-        if st.month != month:
-            st.month, st.month_used = month, 0
+        _roll(st, now)
         if st.in_flight:
             for rid in [rid for rid, expiry in st.in_flight.items() if expiry <= now]:
-                del st.in_flight[rid]
+                if rid in self._live:
+                    st.in_flight[rid] = now + self.lease_s  # still running: renewed
+                else:
+                    del st.in_flight[rid]
         return st
 
     async def acquire(self, key_id: str, limits: KeyLimits, reserve_tokens: int) -> Reservation:
@@ -92,6 +110,11 @@ class InMemoryLimiter(Limiter):
         now = self._clock()
         st = self._refresh(key_id, limits, now)
         w = self.window_s
+        if self.seed_budgets and (
+            (limits.daily_tokens is not None and st.seeded_day != st.day)
+            or (limits.monthly_tokens is not None and st.seeded_month != st.month)
+        ):
+            raise SeedNeeded(key_id, st.day, st.month)
 
         # Every limit that would be exceeded; the one with the longest wait is reported.
         worst: tuple[float, LimitKind, int, float, int] | None = None
@@ -139,11 +162,10 @@ class InMemoryLimiter(Limiter):
             st.requests_level += 1
         if limits.tpm is not None:
             st.tokens_level += reserve
-        if limits.max_parallel is not None:
-            st.in_flight[rid] = now + self.lease_s
+        st.in_flight[rid] = now + self.lease_s
         st.day_used += reserve
         st.month_used += reserve
-        return Reservation(
+        reservation = Reservation(
             key_id=key_id,
             tokens=reserve,
             state=rate_state(limits, st.requests_level, st.tokens_level, w),
@@ -154,6 +176,21 @@ class InMemoryLimiter(Limiter):
             month=st.month,
             parallel_slot=limits.max_parallel is not None,
         )
+        self._live[rid] = reservation
+        return reservation
+
+    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:
+        now = self._clock()
+        st = self._keys.get(key_id)
+        if st is None:
+            st = self._keys[key_id] = _KeyState(requests_ts=now, tokens_ts=now)
+        _roll(st, now)
+        if st.day == day and st.seeded_day != day:
+            st.day_used = max(st.day_used, int(day_tokens))
+            st.seeded_day = day
+        if st.month == month and st.seeded_month != month:
+            st.month_used = max(st.month_used, int(month_tokens))
+            st.seeded_month = month
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         if reservation.settled or reservation.degraded:
@@ -163,8 +200,8 @@ class InMemoryLimiter(Limiter):
         st = self._keys.get(reservation.key_id)
         if st is None:
             return
-        if reservation.parallel_slot:
-            st.in_flight.pop(reservation.id, None)
+        self._live.pop(reservation.id, None)
+        st.in_flight.pop(reservation.id, None)
         delta = max(0, int(actual_tokens)) - reservation.tokens
         if delta == 0:
             return

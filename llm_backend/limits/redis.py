@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
 import secrets
 import time
+import weakref
+from collections import defaultdict
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -25,6 +31,7 @@ from .base import (
     LimitExceeded,
     RateLimitState,
     Reservation,
+    SeedNeeded,
     rate_state,
     usage_report,
 )
@@ -78,9 +85,10 @@ end
 """.replace("$EPS", repr(EPSILON))
 
 # KEYS: state hash, in-flight sorted set. ARGV: time offset, window, rpm, tpm, max_parallel, daily, monthly,
-# reserve, reservation id, lease seconds (-1 = no limit).
+# reserve, reservation id, lease seconds, seed budgets (1/0) (-1 = no limit).
 # Hash fields: rl/rt requests bucket level and time, tl/tt tokens bucket, d/du UTC day and its tokens,
-# m/mu UTC month and its tokens. The sorted set holds in-flight reservation ids scored by lease expiry.
+# m/mu UTC month and its tokens, sd/sm the day and month whose counters were seeded from the request log.
+# The sorted set holds every in-flight reservation id scored by its lease expiry.
 _ACQUIRE = (
     _PRELUDE
     + """
@@ -88,19 +96,20 @@ local now = clock(tonumber(ARGV[1]))
 local window = tonumber(ARGV[2])
 local rpm, tpm, maxpar = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local daily, monthly, reserve = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu')
-local rl = drain(h[1], h[2], rpm, now, window)
-local tl = drain(h[3], h[4], tpm, now, window)
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu', 'sd', 'sm')
 local day = math.floor(now / 86400)
 local month = month_of_day(day)
+if ARGV[11] == '1' and ((daily >= 0 and tonumber(h[9]) ~= day) or (monthly >= 0 and tonumber(h[10]) ~= month)) then
+  return cjson.encode({ok = false, seed = true, day = day, month = month})
+end
+local rl = drain(h[1], h[2], rpm, now, window)
+local tl = drain(h[3], h[4], tpm, now, window)
 local du, mu = 0, 0
 if tonumber(h[5]) == day then du = tonumber(h[6]) or 0 end
 if tonumber(h[7]) == month then mu = tonumber(h[8]) or 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local inflight = 0
-if maxpar >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  inflight = redis.call('ZCARD', KEYS[2])
-end
+if maxpar >= 0 then inflight = redis.call('ZCARD', KEYS[2]) end
 
 local v = nil
 local function consider(retry, kind, limit, used, requested)
@@ -137,23 +146,24 @@ redis.call('HSET', KEYS[1], 'rl', num(rl), 'rt', num(now), 'tl', num(tl), 'tt', 
            'd', day, 'du', du, 'm', month, 'mu', mu)
 -- Long enough for the month's counter and for settling a request that started just before the month ended.
 redis.call('EXPIRE', KEYS[1], math.ceil(month_start(month + 1) - now + math.max(window, tonumber(ARGV[10]))))
-if maxpar >= 0 then
-  local lease = tonumber(ARGV[10])
-  redis.call('ZADD', KEYS[2], now + lease, ARGV[9])
-  redis.call('EXPIRE', KEYS[2], math.ceil(lease) + 1)
-end
+local lease = tonumber(ARGV[10])
+redis.call('ZADD', KEYS[2], now + lease, ARGV[9])
+redis.call('EXPIRE', KEYS[2], math.ceil(lease) + 1)
 return cjson.encode({ok = true, rl = rl, tl = tl, now = now, day = day, month = month})
 """.replace("$PARALLEL_RETRY", repr(PARALLEL_RETRY_AFTER_S))
 )
 
 # KEYS: state hash, in-flight sorted set. ARGV: time offset, window, tpm (-1 = none), reservation id,
-# parallel slot taken (0/1), reserved tokens, actual tokens, acquired at, day, month.
+# (unused), reserved tokens, actual tokens, acquired at, day, month.
+# Idempotent: the reservation's lease is removed first, and only the call that removed it applies the
+# usage. A retried settle whose first attempt did land (its reply was lost) changes nothing; neither does a
+# settle after the lease expired (the reservation then stays booked as reserved: never under-counted).
 _SETTLE = (
     _PRELUDE
     + """
 local now = clock(tonumber(ARGV[1]))
 local window, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
-if ARGV[5] == '1' then redis.call('ZREM', KEYS[2], ARGV[4]) end
+if redis.call('ZREM', KEYS[2], ARGV[4]) == 0 then return 0 end
 local reserved, actual = tonumber(ARGV[6]), tonumber(ARGV[7])
 local delta = actual - reserved
 if delta == 0 then return 0 end
@@ -173,6 +183,47 @@ end
 if h[3] == ARGV[9] then redis.call('HSET', KEYS[1], 'du', math.max(0, (tonumber(h[4]) or 0) + delta)) end
 if h[5] == ARGV[10] then redis.call('HSET', KEYS[1], 'mu', math.max(0, (tonumber(h[6]) or 0) + delta)) end
 return 1
+"""
+)
+
+# KEYS: state hash. ARGV: time offset, day, day tokens, month, month tokens, lease seconds, window.
+# Seeds the budget counters of the current day/month once (sd/sm mark it): a counter keeps the larger of
+# what it holds and the request log's total. A seed for a day or month that is over is ignored.
+_SEED = (
+    _PRELUDE
+    + """
+local now = clock(tonumber(ARGV[1]))
+local day = math.floor(now / 86400)
+local month = month_of_day(day)
+local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu', 'sd', 'sm')
+if tonumber(ARGV[2]) == day and tonumber(h[5]) ~= day then
+  local du = 0
+  if tonumber(h[1]) == day then du = tonumber(h[2]) or 0 end
+  redis.call('HSET', KEYS[1], 'd', day, 'du', math.max(du, tonumber(ARGV[3])), 'sd', day)
+end
+if tonumber(ARGV[4]) == month and tonumber(h[6]) ~= month then
+  local mu = 0
+  if tonumber(h[3]) == month then mu = tonumber(h[4]) or 0 end
+  redis.call('HSET', KEYS[1], 'm', month, 'mu', math.max(mu, tonumber(ARGV[5])), 'sm', month)
+end
+redis.call('EXPIRE', KEYS[1], math.ceil(month_start(month + 1) - now + math.max(tonumber(ARGV[7]), tonumber(ARGV[6]))))
+return 1
+"""
+)
+
+# KEYS: in-flight sorted set. ARGV: time offset, lease seconds, reservation ids. Extends the leases of
+# requests still in flight; a lease that is gone (settled or expired) is not brought back.
+_RENEW = (
+    _PRELUDE
+    + """
+local now = clock(tonumber(ARGV[1]))
+local lease = tonumber(ARGV[2])
+local renewed = 0
+for i = 3, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[i])
+end
+if renewed > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(lease) + 1) end
+return renewed
 """
 )
 
@@ -211,6 +262,11 @@ class RedisLimiter(Limiter):
     logs an error at most every log_interval_s and counts errors_total/degraded_total; fail_open=False raises
     LimiterUnavailable. After a failure Redis is left alone for retry_interval_s, so an outage costs no
     connect timeout per request.
+
+    A background task (started by the first acquire, stopped by close) renews the leases of this process's
+    unsettled reservations every lease_s/3 and retries settles that failed, every retry_interval_s, until
+    they land or their lease has run out: a pause of Redis while requests end frees their slots as soon as
+    Redis answers again, not when a lease expires.
     """
 
     def __init__(
@@ -227,6 +283,7 @@ class RedisLimiter(Limiter):
         retry_interval_s: float = 1.0,
         log_interval_s: float = 30.0,
         time_offset_s: float = 0.0,
+        seed_budgets: bool = False,
     ) -> None:
         if isinstance(url_or_client, str):
             # A bounded pool that makes bursts wait for a connection instead of opening one per request.
@@ -250,6 +307,7 @@ class RedisLimiter(Limiter):
         self.retry_interval_s = retry_interval_s
         self.log_interval_s = log_interval_s
         self.time_offset_s = time_offset_s  # test hook: shifts the scripts' Redis TIME
+        self.seed_budgets = seed_budgets
         self.errors_total = 0  # failed Redis calls
         self.degraded_total = 0  # requests let through unchecked (fail open)
         self._down_until = 0.0
@@ -258,6 +316,18 @@ class RedisLimiter(Limiter):
         self._acquire = self._client.register_script(_ACQUIRE)
         self._settle = self._client.register_script(_SETTLE)
         self._usage = self._client.register_script(_USAGE)
+        self._seed = self._client.register_script(_SEED)
+        self._renew = self._client.register_script(_RENEW)
+        # unsettled reservations of this process (their leases are renewed) and settles to retry
+        self._live: weakref.WeakValueDictionary[str, Reservation] = weakref.WeakValueDictionary()
+        self._pending: dict[
+            str, tuple[Reservation, int, float]
+        ] = {}  # id -> (reservation, tokens, give up at)
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = (
+            None  # set when a settle is queued: the loop may be in a long sleep
+        )
+        self.settle_retries_total = 0  # settles that failed once and were queued for a retry
 
     def _keys(self, key_id: str) -> list[str]:
         base = f"{self.prefix}{{{key_id}}}"
@@ -309,12 +379,15 @@ class RedisLimiter(Limiter):
             reserve,
             rid,
             self.lease_s,
+            1 if self.seed_budgets else 0,
         ]
         try:
-            raw = await self._acquire(keys=self._keys(key_id), args=args)
+            raw = await self._eval(self._acquire, self._keys(key_id), args)
         except (RedisError, OSError) as exc:
             return self._unavailable(key_id, limits, reserve, exc)
         r = json.loads(raw)
+        if r.get("seed"):
+            raise SeedNeeded(key_id, int(r["day"]), int(r["month"]))
         state = rate_state(limits, float(r["rl"]), float(r["tl"]), self.window_s)
         if not r["ok"]:
             raise LimitExceeded(
@@ -325,7 +398,7 @@ class RedisLimiter(Limiter):
                 used=float(r["used"]),
                 requested=int(r["requested"]),
             )
-        return Reservation(
+        reservation = Reservation(
             key_id=key_id,
             tokens=reserve,
             state=state,
@@ -336,17 +409,43 @@ class RedisLimiter(Limiter):
             month=int(r["month"]),
             parallel_slot=limits.max_parallel is not None,
         )
+        self._live[rid] = reservation
+        self._start_background()
+        return reservation
+
+    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:
+        args = [
+            self.time_offset_s,
+            day,
+            int(day_tokens),
+            month,
+            int(month_tokens),
+            self.lease_s,
+            self.window_s,
+        ]
+        try:
+            await self._eval(self._seed, self._keys(key_id)[:1], args)
+        except (RedisError, OSError) as exc:
+            self._failed("seed", exc)
+            raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Never raises for an unreachable Redis: the reservation then stays charged and its parallel slot
-        is freed when its lease expires."""
+        """Never raises for an unreachable Redis: the settle is then retried in the background until it
+        lands (or the reservation's lease has run out, when it stays charged as reserved)."""
         if reservation.settled or reservation.degraded:
             reservation.settled = True
             return
         reservation.settled = True
+        self._live.pop(reservation.id, None)
         actual = max(0, int(actual_tokens))
-        if actual == reservation.tokens and not reservation.parallel_slot:
-            return
+        if not await self._settle_once(reservation, actual):
+            self.settle_retries_total += 1
+            self._pending[reservation.id] = (reservation, actual, time.monotonic() + self.lease_s)
+            self._start_background()
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _settle_once(self, reservation: Reservation, actual: int) -> bool:
         args: list[str | int | float] = [
             self.time_offset_s,
             self.window_s,
@@ -360,9 +459,73 @@ class RedisLimiter(Limiter):
             reservation.month,
         ]
         try:
-            await self._settle(keys=self._keys(reservation.key_id), args=args)
+            await self._eval(self._settle, self._keys(reservation.key_id), args)
         except (RedisError, OSError) as exc:
             self._failed("settle", exc)
+            return False
+        return True
+
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except RedisConnectionError:
+            # A restarted server leaves every pooled connection dead, more than one retry on one connection
+            # can cover: drop the idle ones and try once more on a fresh connection.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            return await script(keys=keys, args=args)
+
+    # -- background: lease renewal and settle retries ------------------------------------------------------
+
+    def _start_background(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._background(), name="limiter-leases")
+
+    async def _background(self) -> None:
+        renew_every = max(0.05, self.lease_s / 3)
+        next_renew = time.monotonic() + renew_every
+        wake = self._wake
+        assert wake is not None
+        while self._live or self._pending:
+            tick = min(renew_every, self.retry_interval_s) if self._pending else renew_every
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.01, min(tick, next_renew - time.monotonic())))
+            if wake.is_set():
+                wake.clear()
+                # a settle just failed: give the store its back-off before the first retry
+                await asyncio.sleep(max(0.0, self._down_until - time.monotonic()))
+            now = time.monotonic()
+            try:
+                if self._pending and now >= self._down_until:
+                    await self._retry_pending()
+                if now >= next_renew:
+                    next_renew = now + renew_every
+                    if self._live and time.monotonic() >= self._down_until:
+                        await self._renew_live()
+            except Exception:  # never let the loop die: leases would stop being renewed
+                logger.exception("rate limiter: lease renewal or settle retry failed")
+
+    async def _retry_pending(self) -> None:
+        now = time.monotonic()
+        for rid, (reservation, actual, give_up) in list(self._pending.items()):
+            if give_up <= now:
+                del self._pending[rid]  # its lease is gone: the reservation stays booked as reserved
+                continue
+            if not await self._settle_once(reservation, actual):
+                return  # Redis is still away: try again after the back-off
+            del self._pending[rid]
+
+    async def _renew_live(self) -> None:
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for rid, reservation in list(self._live.items()):
+            if not reservation.settled:
+                by_key[reservation.key_id].append(rid)
+        for key_id, ids in by_key.items():
+            try:
+                await self._renew(keys=self._keys(key_id)[1:], args=[self.time_offset_s, self.lease_s, *ids])
+            except (RedisError, OSError) as exc:
+                self._failed("lease renewal", exc)
+                return
 
     async def usage(self, key_id: str, limits: KeyLimits) -> dict[str, Any]:
         args = [self.time_offset_s, self.window_s, _arg(limits.rpm), _arg(limits.tpm)]
@@ -384,5 +547,13 @@ class RedisLimiter(Limiter):
         )
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._pending and time.monotonic() >= self._down_until:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._retry_pending(), timeout=2.0)
         if self._owns_client:
             await self._client.aclose()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import orjson
+
+from llm_backend.db.storable import NUL, storable
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +55,40 @@ class RequestRecord:
     user: str | None = None  # the request body's "user" field
     client_ip: str | None = None
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
+    external_conversation_id: str | None = None  # the client's own chat id (e.g. X-OpenWebUI-Chat-Id)
+    client_request_id: str | None = None  # the client's own id for the request (sanitized), if it sent one
     # request_messages are new turns of conversation_id, to append as they are (a Responses API chain)
     continues: bool = False
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None
+
+
+_TEXT_FIELDS = tuple(
+    f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("created_at", "usage", "stream")
+)
+
+
+def storable_record(record: RequestRecord) -> RequestRecord:
+    """The record with every text storable (NUL replaced, see llm_backend.db.storable), message content
+    included; the same record when nothing needed replacing."""
+    changes: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            if NUL in value:
+                changes[name] = storable(value)
+        elif isinstance(value, list | dict) and _may_hold_nul(value):
+            clean = storable(value)
+            if clean is not value:
+                changes[name] = clean
+    return dataclasses.replace(record, **changes) if changes else record
+
+
+def _may_hold_nul(value: Any) -> bool:
+    """Whether a JSON-like value may hold a NUL: one orjson pass (NUL is written as \\u0000), about half
+    what a walk in Python costs on a long chat history (the writer thread does this for every record)."""
+    try:
+        return b"\\u0000" in orjson.dumps(value)
+    except TypeError:  # not plain JSON: walk it
+        return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -18,10 +19,13 @@ from llm_backend.db.ids import new_uuid7
 from llm_backend.db.models import Conversation, Message, RequestLog
 from llm_backend.db.repositories import ConversationRepository, RequestLogRepository
 from llm_backend.db.session import SQLITE_BEGIN_IMMEDIATE
-from llm_backend.recording.records import RequestRecord, Usage
+from llm_backend.recording.records import RequestRecord, Usage, storable_record
 from llm_backend.recording.threading import (
     continuation_prefix_lengths,
+    helper_title,
+    is_helper_request,
     normalize_message,
+    system_prompt_of,
     title_from_messages,
     transcript_hash,
 )
@@ -98,6 +102,7 @@ def record_to_row(record: RequestRecord, conversation_id: str | None) -> dict[st
         "user": record.user,
         "client_ip": record.client_ip,
         "conversation_id": conversation_id,
+        "client_request_id": record.client_request_id,
     }
     return {k: _clip(k, v) for k, v in row.items()}
 
@@ -120,56 +125,153 @@ def is_transient(exc: BaseException) -> bool:
 # Conversation threading
 
 
+def _exchange_kwargs(record: RequestRecord) -> dict[str, Any]:
+    usage = record.usage
+    return {
+        "request_id": record.request_id,
+        "created_at": record.created_at + timedelta(milliseconds=max(record.latency_ms, 0.0)),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _continue(
+    repo: ConversationRepository,
+    conv: Conversation,
+    messages: list[dict[str, Any]],
+    reply: dict[str, Any],
+    append_kwargs: dict[str, Any],
+    *,
+    by_client: bool = False,
+    continues: bool = False,
+) -> None:
+    """Add one exchange to a conversation named by id (ours or the client's chat id).
+
+    With `continues` (a Responses API chain) the messages are the new turns and are appended as they are.
+
+    The messages past the stored ones are appended when the stored transcript is a prefix of the request;
+    nothing but the usage when the stored transcript already holds the whole exchange (a later turn of
+    the chat was written first); only the reply when the request is the stored chat up to an earlier
+    turn (a regenerated answer); otherwise only the final user message. The reply is appended. Named by
+    the client's chat id (`by_client`), a request that does not begin as the chat does adds no messages.
+    """
+    stored = list(conv.messages)
+    count = len(stored)
+    exchange = [*messages, reply]
+    if count == 0:
+        new = exchange
+        conv.title = conv.title or title_from_messages(messages)
+        conv.system_prompt = conv.system_prompt or system_prompt_of(messages)
+    elif continues:
+        new = exchange
+    elif len(exchange) <= count and transcript_hash(
+        [m.to_dict() for m in stored[: len(exchange)]]
+    ) == transcript_hash(exchange, normalized=True):
+        repo.append_messages(conv, [], **append_kwargs)
+        stored[len(exchange) - 1].request_id = append_kwargs["request_id"]  # the reply is this request's
+        return
+    elif (
+        len(messages) >= count and transcript_hash(messages[:count], normalized=True) == conv.transcript_hash
+    ):
+        new = exchange[count:]
+    elif len(messages) < count and transcript_hash(
+        [m.to_dict() for m in stored[: len(messages)]]
+    ) == transcript_hash(messages, normalized=True):
+        new = [reply]  # a regenerated answer: the request is the stored chat up to a turn answered before
+    elif by_client and not _shares_opening(stored, messages):
+        # Named by the UI's chat id but quoting nothing of the chat's start: a helper task of a form we
+        # do not know (a custom title prompt), not a turn. Filed under the chat, added to nothing.
+        repo.append_messages(conv, [], **append_kwargs)
+        return
+    else:
+        users = [m for m in messages if m.get("role") == "user"]
+        new = [*users[-1:], reply]
+    repo.append_messages(conv, new, **append_kwargs)
+
+
+def _shares_opening(stored: Sequence[Message], messages: list[dict[str, Any]]) -> bool:
+    """Whether a request begins as the stored chat does: its first message past a system prompt is the
+    same (an edited or regenerated later turn still does; a prompt that quotes the chat does not)."""
+    first = next((i for i, m in enumerate(stored) if m.role not in ("system", "developer")), None)
+    return first is not None and len(messages) > first and stored[first].to_dict() == messages[first]
+
+
+def _thread_helper(
+    repo: ConversationRepository,
+    record: RequestRecord,
+    messages: list[dict[str, Any]],
+    reply: dict[str, Any],
+) -> str | None:
+    """A UI's helper task (title, tags, follow-ups): never a conversation of its own, nor messages of one.
+
+    Named by a conversation (our id, or the client's chat id, whose conversation it creates empty when
+    the chat's first turn is not written yet), it counts toward that conversation's usage and a title
+    it got back becomes the conversation's title, as the UI shows it. Unnamed, it is a request without a
+    conversation: which chat it quotes cannot be told for sure, and guessing would misfile it.
+    """
+    owner = record.key_id
+    conv: Conversation | None = None
+    explicit = record.conversation_id
+    if explicit and len(explicit) <= _CONVERSATION_ID_MAX:
+        found = repo.get(explicit, with_messages=True)
+        if found is not None and (found.owner is None or found.owner == owner):
+            conv = found
+    elif record.external_conversation_id:
+        conv = repo.get_by_external_id(record.external_conversation_id, owner=owner)
+        if conv is None:
+            conv = repo.create(
+                owner=owner,
+                model=record.model or record.model_requested,
+                created_at=record.created_at,
+                external_id=record.external_conversation_id,
+            )
+    if conv is None:
+        return None
+    title = helper_title(messages, reply)
+    if title:
+        conv.title = title
+    repo.append_messages(conv, [], **_exchange_kwargs(record))
+    return conv.id
+
+
 def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | None:
     """Store the exchange of a chat record in a conversation; returns the conversation id.
 
-    An explicit conversation id (X-Conversation-Id) wins: the messages past the stored ones are appended
-    when the stored transcript is a prefix of the request, otherwise only the final user message. Without
-    one, the request continues the owner's conversation whose transcript equals the messages before its
-    final user turn; otherwise a new conversation holds all messages. The reply is appended in each case.
+    An explicit conversation id (X-Conversation-Id) wins, then the client's chat id (the owner's
+    conversation keyed by it; one that was threaded before the chat id came is adopted), each continued
+    by `_continue`. Without either, the request continues the owner's conversation whose transcript
+    equals the messages before its final user turn; otherwise a new conversation holds all messages and
+    remembers the transcript it looked for (`parent_hash`), so that the record which has that transcript,
+    written later by another worker, adopts it. A UI's helper task is no turn (`_thread_helper`).
     """
     if not record.request_messages or record.response_message is None:
         return record.conversation_id
     messages = [normalize_message(m) for m in record.request_messages]
     reply = normalize_message(record.response_message)
     reply.setdefault("role", "assistant")
-    usage = record.usage
-    finished = record.created_at + timedelta(milliseconds=max(record.latency_ms, 0.0))
-    append_kwargs: dict[str, Any] = {
-        "request_id": record.request_id,
-        "created_at": finished,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
+    if is_helper_request(messages):
+        return _thread_helper(repo, record, messages, reply)
+    append_kwargs = _exchange_kwargs(record)
     owner = record.key_id
     model = record.model or record.model_requested
+    new_conversation: dict[str, Any] = {
+        "title": title_from_messages(messages),
+        "owner": owner,
+        "model": model,
+        "created_at": record.created_at,
+        "system_prompt": system_prompt_of(messages),
+    }
 
     explicit = record.conversation_id
     if explicit and len(explicit) <= _CONVERSATION_ID_MAX:
         conv = repo.get(explicit, with_messages=True)
         if conv is None:
-            conv = repo.create(
-                conversation_id=explicit,
-                title=title_from_messages(messages),
-                owner=owner,
-                model=model,
-                created_at=record.created_at,
-            )
+            conv = repo.create(conversation_id=explicit, **new_conversation)
             repo.append_messages(conv, [*messages, reply], **append_kwargs)
             return conv.id
         if conv.owner is None or conv.owner == owner:
-            stored = len(conv.messages)
-            if record.continues:
-                new = messages
-            elif stored == 0 or (
-                len(messages) > stored and transcript_hash(messages[:stored]) == conv.transcript_hash
-            ):
-                new = messages[stored:]
-            else:
-                users = [m for m in messages if m.get("role") == "user"]
-                new = users[-1:]
-            repo.append_messages(conv, [*new, reply], **append_kwargs)
+            _continue(repo, conv, messages, reply, append_kwargs, continues=record.continues)
             return conv.id
         logger.warning(
             "request %s names conversation %s of another owner; threading it on its own",
@@ -179,18 +281,49 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
     elif explicit:
         logger.warning("request %s: conversation id too long, ignored", record.request_id)
 
-    lengths = continuation_prefix_lengths(messages)
-    hashes = {transcript_hash(messages[:n]): n for n in lengths}
+    lengths = _parent_lengths(messages)
+    hashes = {transcript_hash(messages[:n], normalized=True): n for n in lengths}
+    external = record.external_conversation_id
+    if external:
+        # The client's chat id is scoped to the owner: another key's chat of the same id is another chat.
+        conv = repo.get_by_external_id(external, owner=owner)
+        if conv is None and hashes:
+            conv = repo.find_by_transcript_hash(list(hashes), owner=owner, unkeyed=True)
+            if conv is not None:
+                conv.external_id = external  # its earlier turns came without the chat id
+        if conv is None:
+            conv = repo.create(
+                external_id=external, parent_hash=_parent_hash(messages, lengths), **new_conversation
+            )
+        _continue(repo, conv, messages, reply, append_kwargs, by_client=True)
+        return conv.id
+
     match: Conversation | None = repo.find_by_transcript_hash(list(hashes), owner=owner) if hashes else None
     if match is not None and match.transcript_hash in hashes:
         new = messages[hashes[match.transcript_hash] :]
         repo.append_messages(match, [*new, reply], **append_kwargs)
         return match.id
-    conv = repo.create(
-        title=title_from_messages(messages), owner=owner, model=model, created_at=record.created_at
-    )
+    parent = _parent_hash(messages, lengths)
+    conv = repo.create(parent_hash=parent, **new_conversation)
     repo.append_messages(conv, [*messages, reply], **append_kwargs)
     return conv.id
+
+
+def _parent_lengths(messages: list[dict[str, Any]]) -> list[int]:
+    """The prefix a request continues: the longest candidate only. In a tool-call round the shorter one
+    (before the last user turn) also exists as a transcript while the tool call's own record is not
+    written yet; continuing it there would leave that record no place when it comes. Waiting for it
+    (an orphan that it adopts) keeps the chain whatever the order."""
+    return continuation_prefix_lengths(messages)[:1]
+
+
+def _parent_hash(messages: list[dict[str, Any]], lengths: Sequence[int]) -> str | None:
+    """The transcript a new conversation's first record continues, to be adopted by: the longest candidate
+    prefix that ends with an assistant message (every recorded exchange ends with its reply)."""
+    for n in lengths:
+        if messages[n - 1].get("role") == "assistant":
+            return transcript_hash(messages[:n], normalized=True)
+    return None
 
 
 def _thread_in_savepoint(session: Session, record: RequestRecord) -> str | None:
@@ -233,6 +366,8 @@ class _Conv:
     transcript_hash: str | None
     new: bool = False
     title: str | None = None
+    system_prompt: str | None = None
+    parent_hash: str | None = None
     model: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -259,9 +394,7 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
         messages = [normalize_message(m) for m in record.request_messages or ()]
         reply = normalize_message(record.response_message or {})
         reply.setdefault("role", "assistant")
-        candidates = [
-            (transcript_hash(messages[:n], normalized=True), n) for n in continuation_prefix_lengths(messages)
-        ]
+        candidates = [(transcript_hash(messages[:n], normalized=True), n) for n in _parent_lengths(messages)]
         wanted.update(h for h, _ in candidates)
         prepared.append((record, messages, reply, candidates))
 
@@ -306,6 +439,8 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
                 None,
                 new=True,
                 title=title_from_messages(messages),
+                system_prompt=system_prompt_of(messages),
+                parent_hash=_parent_hash(messages, [n for _, n in candidates]),
                 model=record.model or record.model_requested,
                 created_at=record.created_at,
             )
@@ -348,7 +483,8 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
                     "title": _clip_to(table.c.title, c.title),
                     "owner": c.owner,
                     "model": _clip_to(table.c.model, c.model),
-                    "system_prompt": None,
+                    "system_prompt": c.system_prompt,
+                    "parent_hash": c.parent_hash,
                     "created_at": c.created_at,
                     "updated_at": c.updated_at,
                     "prompt_tokens": c.prompt_tokens,
@@ -389,6 +525,131 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
     if message_rows:
         session.execute(_MESSAGES.insert(), message_rows)  # Core: no ORM bookkeeping per row
     return result
+
+
+def _bulk_threadable(record: RequestRecord) -> bool:
+    """Whether the bulk path threads this record: automatic threading of a well-formed chat turn."""
+    return (
+        not record.conversation_id
+        and not record.external_conversation_id
+        and _well_formed(record)
+        and not is_helper_request(record.request_messages or ())
+    )
+
+
+def _lock_key(owner: str | None) -> int:
+    digest = hashlib.sha256(f"llm-backend.threading:{owner or ''}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _serialize_threading(session: Session, records: Sequence[RequestRecord]) -> None:
+    """Make this transaction the only one threading these owners' conversations until it commits.
+
+    Threading reads conversations and then writes them; two workers' transactions that did so at once
+    could each miss what the other writes (a turn and its next turn, split). PostgreSQL: one
+    transaction-scoped advisory lock per owner, taken in a fixed order (no deadlock between writers);
+    statements after it see what the previous holder committed. SQLite: the write transaction began
+    IMMEDIATE, which already admits one writer at a time.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for key in sorted({_lock_key(r.key_id) for r in records}):
+        session.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def _adopt_orphans(session: Session, conversation_ids: set[str]) -> dict[str, str]:
+    """Merge into each conversation just written the orphans that continue it; returns orphan -> adopter.
+
+    An orphan is a conversation whose first record continued an exchange that was not written yet (its
+    `parent_hash`, the hash of that transcript). When a conversation's transcript now has that hash, the
+    orphan's messages past it move over (positions carry on unchanged), its totals are added, its request
+    rows point here, its client chat id (if any) passes on, and the orphan is deleted. With the per-owner
+    lock this makes threading independent of the order in which workers write a chat's records.
+    """
+    table: sa.Table = Conversation.__table__  # type: ignore[assignment]
+    merged: dict[str, str] = {}
+    alive = set(conversation_ids)
+    while alive:  # one merge per round, then look again with what it changed (merges are rare)
+        heads: dict[str, Any] = {}
+        for chunk in _in_chunks(sorted(alive)):
+            stmt = sa.select(
+                table.c.id, table.c.owner, table.c.external_id, table.c.transcript_hash, table.c.message_count
+            ).where(table.c.id.in_(chunk), table.c.transcript_hash.is_not(None))
+            heads.update((row.id, row) for row in session.execute(stmt))
+        found: tuple[Any, Any] | None = None
+        for chunk in _in_chunks(sorted({h.transcript_hash for h in heads.values()})):
+            stmt = (
+                sa.select(table)
+                .where(table.c.parent_hash.in_(chunk))
+                .order_by(table.c.created_at, table.c.id)
+            )
+            for orphan in session.execute(stmt):
+                head = next(
+                    (
+                        h
+                        for h in heads.values()
+                        if h.transcript_hash == orphan.parent_hash
+                        and h.owner == orphan.owner
+                        and h.id != orphan.id
+                        and orphan.message_count > h.message_count
+                        # one chat id at most: a chat keyed by the client is never merged into another
+                        and (not orphan.external_id or not h.external_id)
+                    ),
+                    None,
+                )
+                if head is not None:
+                    found = (head, orphan)
+                    break
+            if found:
+                break
+        if found is None:
+            break
+        head, orphan = found
+        _merge(session, head, orphan)
+        merged[orphan.id] = head.id
+        alive.discard(orphan.id)
+
+    def final(cid: str) -> str:
+        while cid in merged:
+            cid = merged[cid]
+        return cid
+
+    if merged:
+        logger.info("threading adopted %d conversation(s) written ahead of their start", len(merged))
+    return {orphan: final(orphan) for orphan in merged}
+
+
+def _merge(session: Session, head: Any, orphan: Any) -> None:
+    """Move `orphan`'s messages past `head`'s transcript (which it starts with) into `head`; delete it."""
+    table: sa.Table = Conversation.__table__  # type: ignore[assignment]
+    log: sa.Table = RequestLog.__table__  # type: ignore[assignment]
+    held = head.message_count
+    created, updated = session.execute(
+        sa.select(table.c.created_at, table.c.updated_at).where(table.c.id == head.id)
+    ).one()
+    session.execute(
+        _MESSAGES.delete().where(_MESSAGES.c.conversation_id == orphan.id, _MESSAGES.c.position < held)
+    )
+    session.execute(
+        _MESSAGES.update().where(_MESSAGES.c.conversation_id == orphan.id).values(conversation_id=head.id)
+    )
+    session.execute(log.update().where(log.c.conversation_id == orphan.id).values(conversation_id=head.id))
+    session.execute(
+        table.update()
+        .where(table.c.id == head.id)
+        .values(
+            message_count=orphan.message_count,
+            transcript_hash=orphan.transcript_hash,
+            prompt_tokens=table.c.prompt_tokens + (orphan.prompt_tokens or 0),
+            completion_tokens=table.c.completion_tokens + (orphan.completion_tokens or 0),
+            total_tokens=table.c.total_tokens + (orphan.total_tokens or 0),
+            created_at=min(created, orphan.created_at),
+            updated_at=max(updated, orphan.updated_at),
+        )
+    )
+    session.execute(table.delete().where(table.c.id == orphan.id))
+    if orphan.external_id and not head.external_id:  # after the delete: (owner, external_id) is unique
+        session.execute(table.update().where(table.c.id == head.id).values(external_id=orphan.external_id))
 
 
 def _well_formed(record: RequestRecord) -> bool:
@@ -432,14 +693,19 @@ def _write(
             return bool(record_content and r.request_messages and r.response_message is not None)
 
         threaded: dict[str, str | None] = {}
+        to_thread = [r for r in todo if threadable(r)]
+        if to_thread:
+            _serialize_threading(session, to_thread)
         if bulk:
-            automatic = [r for r in todo if threadable(r) and not r.conversation_id and _well_formed(r)]
+            automatic = [r for r in to_thread if _bulk_threadable(r)]
             if automatic:
                 threaded.update(_thread_batch(session, automatic))
-        for record in todo:
-            if record.request_id in threaded or not threadable(record):
-                continue
-            threaded[record.request_id] = _thread_in_savepoint(session, record)
+        for record in to_thread:
+            if record.request_id not in threaded:
+                threaded[record.request_id] = _thread_in_savepoint(session, record)
+        if threaded:
+            merged = _adopt_orphans(session, {c for c in threaded.values() if c})
+            threaded = {rid: merged.get(c, c) if c else c for rid, c in threaded.items()}
         rows: list[dict[str, Any]] = []
         for record in todo:
             if record.request_id in threaded:
@@ -470,6 +736,7 @@ def write_batch(engine: Engine, records: Sequence[RequestRecord], *, record_cont
     """
     if not records:
         return BatchResult()
+    records = [storable_record(r) for r in records]  # texts PostgreSQL can store (no NUL), rows and JSON
     try:
         return BatchResult(written=_write(engine, records, record_content))
     except Exception as exc:

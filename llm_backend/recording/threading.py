@@ -111,3 +111,52 @@ def continuation_prefix_lengths(messages: Sequence[dict[str, Any]]) -> list[int]
     if "assistant" in roles:
         lengths.add(len(roles) - roles[::-1].index("assistant"))
     return sorted((n for n in lengths if 0 < n < len(messages)), reverse=True)
+
+
+def system_prompt_of(messages: Sequence[dict[str, Any]]) -> str | None:
+    """The text of a leading system (or developer) message, which a conversation keeps as its system prompt."""
+    if messages and messages[0].get("role") in ("system", "developer"):
+        return content_text(messages[0].get("content")) or None
+    return None
+
+
+# The prompts chat UIs send for their own bookkeeping (a title, tags, follow-up suggestions, search
+# queries, autocompletion) quote the chat instead of continuing it. Open WebUI's default templates all
+# begin with "### Task:" and put the quoted chat in a <chat_history> block; LibreChat's default title
+# prompt (its agents' "structured" and "completion" title methods) begins "Analyze this conversation".
+_HELPER_OPENINGS = ("### task:", "analyze this conversation and provide:")
+_HELPER_MARKERS = ("<chat_history>",)
+
+
+def is_helper_request(messages: Sequence[dict[str, Any]]) -> bool:
+    """Whether a chat request is a UI's helper task (title, tags, follow-ups…) rather than a chat turn.
+
+    The shape: one user message (system messages aside) whose text opens with "### Task:" or quotes the
+    chat in a <chat_history> block (Open WebUI's task prompts), or opens as LibreChat's title prompt.
+    """
+    turns = [m for m in messages if m.get("role") != "system"]
+    if len(turns) != 1 or turns[0].get("role") != "user":
+        return False
+    text = content_text(turns[0].get("content")).lstrip().lower()
+    return text.startswith(_HELPER_OPENINGS) or any(marker in text for marker in _HELPER_MARKERS)
+
+
+def helper_title(messages: Sequence[dict[str, Any]], reply: dict[str, Any] | None) -> str | None:
+    """The chat title a UI's title task got back ({"title": "…"}, as Open WebUI asks for), else None."""
+    if reply is None:
+        return None
+    prompt = content_text(messages[-1].get("content")) if messages else ""
+    if "title" not in prompt[:200].lower():  # the task line names what it asks for
+        return None
+    text = content_text(reply.get("content")).strip()
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        data = json.loads(text[start : end + 1])
+    except ValueError:
+        return None
+    title = data.get("title") if isinstance(data, dict) else None
+    if not isinstance(title, str) or not title.strip():
+        return None
+    return " ".join(title.split())[:255]

@@ -120,6 +120,8 @@ class Accountant:
             "user": user if isinstance(user, str) else None,
             "client_ip": caller.client_ip,
             "conversation_id": flight.conversation_id,
+            "external_conversation_id": caller.external_conversation_id,
+            "client_request_id": caller.client_request_id,
             "continues": flight.continues,
         }
 

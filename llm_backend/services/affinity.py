@@ -36,11 +36,13 @@ class ResponseOwners:
         self,
         engine: Any = None,
         *,
+        guard: Any = None,
         cache_size: int = 100_000,
         flush_interval: float = 0.02,
         grace: float = 1.0,
     ) -> None:
         self.engine = engine
+        self.guard = guard  # llm_backend.services.dbguard.DatabaseGuard: look-ups with a deadline
         self.cache_size = cache_size
         self.flush_interval = flush_interval
         self.grace = grace
@@ -75,34 +77,44 @@ class ResponseOwners:
             cache.popitem(last=False)
 
     async def find(self, response_id: str) -> Owner | None:
+        """The owner of a response, None when it is unknown. Raises DatabaseUnavailable when the database
+        could not be asked (then nobody can tell: the caller answers 503, not 404)."""
         hit = self._cache.get(response_id)
         if hit is not None or self.engine is None:
             return hit
         deadline = time.monotonic() + self.grace
         while True:
-            found, owner = await self._load(response_id)
+            owner = await self._load(response_id)
             if owner is not None:
                 self._keep(owner)
                 return owner
-            if not found or time.monotonic() >= deadline:
-                return None  # the database could not be asked, or the id is unknown
+            if time.monotonic() >= deadline:
+                return None
             await asyncio.sleep(0.05)
             hit = self._cache.get(response_id)
             if hit is not None:
                 return hit
 
-    async def _load(self, response_id: str) -> tuple[bool, Owner | None]:
-        """(whether the database answered, the owner it knows)."""
+    async def _load(self, response_id: str) -> Owner | None:
         from llm_backend.db.owners import find_owner
+        from llm_backend.db.session import DatabaseUnavailable, unavailable_error
 
         try:
-            row = await asyncio.to_thread(find_owner, self.engine, response_id)
+            if self.guard is not None:
+                row = await self.guard.run("response owner look-up", find_owner, self.engine, response_id)
+            else:
+                row = await asyncio.to_thread(find_owner, self.engine, response_id)
+        except DatabaseUnavailable:
+            raise
         except Exception as exc:
+            down = unavailable_error(exc)
+            if down is not None:
+                raise down from None
             self._throttle.log(
                 "owner-lookup", logging.WARNING, "looking up the owner of a stored response failed: %s", exc
             )
-            return False, None
-        return True, (Owner(**row) if row is not None else None)
+            raise DatabaseUnavailable(f"{type(exc).__name__}") from None
+        return Owner(**row) if row is not None else None
 
     async def _writer(self) -> None:
         while True:
@@ -128,7 +140,10 @@ class ResponseOwners:
             for o in batch
         ]
         try:
-            await asyncio.to_thread(insert_owners, self.engine, rows)
+            if self.guard is not None:
+                await self.guard.run("response owners write", insert_owners, self.engine, rows)
+            else:
+                await asyncio.to_thread(insert_owners, self.engine, rows)
         except Exception as exc:  # this worker still knows them; others will not until it works again
             self._throttle.log(
                 "owner-store",

@@ -162,17 +162,29 @@ class ConversationService:
         result: dict[str, Any] = await self._run(work)
         return result
 
+    def model_names(self, model: str | None) -> list[str] | None:
+        """The names a model filter matches: the name as given, and its model's canonical name and aliases
+        (a conversation is recorded under the canonical name whichever alias the client sent)."""
+        if not model:
+            return None
+        names = [model]
+        route = self.proxy.router.resolve(model)
+        if route is not None and not route.config.wildcard:
+            names += [n for n in (route.name, *route.config.aliases) if n not in names]
+        return names
+
     async def list_conversations(self, caller: Caller, params: Mapping[str, Any]) -> dict[str, Any]:
         owner = self.owner_filter(caller)
         if owner is None and params.get("owner"):
             owner = params["owner"]
+        models = self.model_names(params.get("model"))
 
         def work() -> dict[str, Any]:
             with session_scope(self.engine) as session:
                 try:
                     page = ConversationRepository(session).list(
                         owner=owner,
-                        model=params.get("model"),
+                        model=models,
                         created_from=params.get("created_after"),
                         created_to=params.get("created_before"),
                         q=params.get("q"),
@@ -240,9 +252,12 @@ class ConversationService:
 
     def _history(self, conv: dict[str, Any]) -> list[dict[str, Any]]:
         history: list[dict[str, Any]] = []
-        if conv.get("system_prompt"):
+        messages = conv["messages"]
+        # A threaded conversation holds its system prompt as its first message too: send it once.
+        leads = bool(messages) and messages[0].get("role") in ("system", "developer")
+        if conv.get("system_prompt") and not leads:
             history.append({"role": "system", "content": conv["system_prompt"]})
-        for m in conv["messages"]:
+        for m in messages:
             msg = {
                 k: m[k]
                 for k in ("role", "content", "name", "tool_calls", "tool_call_id")

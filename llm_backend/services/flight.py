@@ -51,6 +51,8 @@ class Caller:
     is_admin: bool = False
     limits: Any = None  # llm_backend.limits.KeyLimits of the key, when it has any
     conversation_id: str | None = None
+    external_conversation_id: str | None = None  # the client's chat id (CONVERSATION_ID_HEADERS), per key
+    client_request_id: str | None = None  # the id the client sent for the request (ours is request_id)
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     log: dict[str, Any] = field(default_factory=dict)

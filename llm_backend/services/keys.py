@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from llm_backend.db.repositories import ApiKeyRepository, hash_api_key
+from llm_backend.db.repositories import ApiKeyRepository, hash_api_key, key_token_totals
 from llm_backend.db.session import session_scope
 from llm_backend.durations import parse_duration
 from llm_backend.errors import InvalidRequest, NotFound
@@ -183,10 +183,18 @@ def clean_fields(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
 
 
 class KeyStore:
-    """Key management over the database (blocking calls: run them in a thread from async code)."""
+    """Key management over the database (blocking calls: run them in a thread from async code).
+
+    `listeners` are called as listener(key_id, KeyInfo or None when deleted) after a change committed, in
+    the calling thread: the serving path's key cache drops its copy of a changed key there and then."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self.listeners: list[Callable[[str, KeyInfo | None], None]] = []
+
+    def _changed(self, key_id: str, info: KeyInfo | None) -> None:
+        for listener in self.listeners:
+            listener(key_id, info)
 
     def create(self, data: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         fields = clean_fields(data, creating=True)
@@ -214,12 +222,15 @@ class KeyStore:
             row = ApiKeyRepository(session).update(key_id, **fields)
             if row is None:
                 raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
-            return key_public(row)
+            public, info = key_public(row), key_info(row)
+        self._changed(key_id, info)
+        return public
 
     def delete(self, key_id: str) -> None:
         with session_scope(self.engine) as session:
             if not ApiKeyRepository(session).delete(key_id):
                 raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
+        self._changed(key_id, None)
 
     def find(self, secret: str) -> KeyInfo | None:
         return self.find_hash(hash_api_key(secret))
@@ -232,6 +243,11 @@ class KeyStore:
     def touch(self, key_id: str) -> None:
         with session_scope(self.engine) as session:
             ApiKeyRepository(session).touch(key_id)
+
+    def token_totals(self, key_id: str, day_start: datetime, month_start: datetime) -> tuple[int, int]:
+        """Tokens the key used since the start of the UTC day and of the UTC month, from the request log."""
+        with session_scope(self.engine) as session:
+            return key_token_totals(session, key_id, day_start, month_start)
 
 
 def expiry_from(text: str | None) -> timedelta | None:

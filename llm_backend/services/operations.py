@@ -340,4 +340,4 @@ def operation_of_path(path: str) -> str:
     for op in (CHAT_OP, COMPLETIONS_OP, EMBEDDINGS_OP):
         if tail.endswith("/" + op.key):
             return op.name
-    return "models" if "models" in path or "deployments" in path else "other"
+    return "other"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from llm_backend.db.ids import new_uuid7
-from llm_backend.errors import NotFound
+from llm_backend.db.session import DatabaseUnavailable
+from llm_backend.errors import NotFound, ServiceUnavailable
 from llm_backend.services.affinity import Owner, ResponseOwners
 from llm_backend.services.flight import Admit, Caller, Flight, JsonResult, StreamResult
 from llm_backend.services.operations import (
@@ -44,9 +45,21 @@ class ResponsesService:
     def _visible(self, owner: Owner, caller: Caller) -> bool:
         return caller.is_admin or owner.key_id == caller.key_id
 
+    async def _find(self, response_id: str) -> Owner | None:
+        try:
+            return await self.owners.find(response_id)
+        except DatabaseUnavailable:
+            guard = self.owners.guard
+            retry = guard.retry_after_s if guard is not None else 1
+            raise ServiceUnavailable(
+                "The database that knows where stored responses live is unreachable; try again shortly.",
+                code="database_unavailable",
+                headers={"Retry-After": str(retry)},
+            ) from None
+
     async def _pin(self, flight: Flight, previous: str) -> Owner:
         """Send the flight to the backend that holds `previous` (a 404 when that is unknown to the caller)."""
-        owner = await self.owners.find(previous)
+        owner = await self._find(previous)
         if owner is None or not self._visible(owner, flight.caller):
             raise _not_found(previous, "previous_response_id")
         states = self.proxy.router.states
@@ -129,7 +142,11 @@ class ResponsesService:
         query: dict[str, Any] | None,
         admit: Admit | None,
     ) -> JsonResult:
-        owner = await self.owners.find(response_id)
+        try:
+            owner = await self._find(response_id)
+        except ServiceUnavailable as exc:
+            self.proxy.reject(caller, op, exc)
+            raise
         if owner is None or not self._visible(owner, caller):
             error = _not_found(response_id)
             self.proxy.reject(caller, op, error)

@@ -38,8 +38,8 @@ _T = TypeVar("_T")
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-# Large keep-alive pools: one client serves every request of this worker to this backend.
-_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60)
+#: Idle connections kept for reuse (httpx's pool; aiohttp keeps every idle one up to max_connections).
+MAX_KEEPALIVE = 200
 
 TokenProvider = Callable[[], Any]
 
@@ -48,9 +48,17 @@ def make_http_client(kind: str, config: BackendConfig) -> httpx2.AsyncClient:
     """The HTTP client under the SDK: aiohttp's transport by default (it does not scan its pool per request)."""
     t = config.timeout
     timeout = httpx2.Timeout(t.total, connect=t.connect, read=t.first_byte)
+    # One client serves every request of this worker to this backend, and each stream holds a connection
+    # for its whole length: the pool must be as large as the streams a worker holds (`max_connections`),
+    # or new streams queue for a connection behind the running ones.
+    limits = httpx2.Limits(
+        max_connections=config.max_connections,
+        max_keepalive_connections=min(MAX_KEEPALIVE, config.max_connections),
+        keepalive_expiry=60,
+    )
     if kind == "aiohttp":
-        return openai.DefaultAioHttpClient(timeout=timeout, limits=_LIMITS)
-    return openai.DefaultAsyncHttpxClient(timeout=timeout, limits=_LIMITS)
+        return openai.DefaultAioHttpClient(timeout=timeout, limits=limits)
+    return openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
 class SdkBackend(Backend):

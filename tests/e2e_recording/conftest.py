@@ -119,7 +119,8 @@ def request_rows(url: str) -> list[dict[str, Any]]:
 
 
 def row_by_id(url: str, request_id: str) -> dict[str, Any]:
-    rows = [r for r in request_rows(url) if r["request_id"] == request_id]
+    """The one row of a request, by our request id or by the id its client sent (X-Request-Id)."""
+    rows = [r for r in request_rows(url) if request_id in (r["request_id"], r["client_request_id"])]
     assert len(rows) == 1, f"expected one row for {request_id}, found {len(rows)}"
     return rows[0]
 

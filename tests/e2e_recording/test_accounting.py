@@ -50,7 +50,7 @@ def test_non_streaming_tokens_equal_upstream_usage(
     with app.test_client() as c:
         r = chat(c, "rid-json-1", user="alice@example.com")
         assert r.status_code == 200, r.text
-        assert r.headers["x-request-id"] == "rid-json-1"
+        assert r.headers["x-client-request-id"] == "rid-json-1"
         generated = c.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
         assert generated.status_code == 200
         generated_id = generated.headers["x-request-id"]
@@ -83,7 +83,7 @@ def test_streaming_with_usage_chunk_is_exact(
     with app.test_client() as c:
         r = chat(c, "rid-stream-usage", stream=True)
         assert r.status_code == 200
-        assert r.headers["x-request-id"] == "rid-stream-usage"
+        assert r.headers["x-client-request-id"] == "rid-stream-usage"
         assert b"data: [DONE]" in r.content
         # the proxy asked the upstream for the usage chunk, and did not pass it to a client that did not ask
         assert fake_azure.bodies[-1]["stream_options"] == {"include_usage": True}
@@ -173,7 +173,7 @@ def test_failed_upstream_requests_leave_rows(
         with app.test_client() as c:
             r = chat(c, f"rid-fail-{name}", user="bob")
             assert r.status_code == status, (name, r.text)
-            assert r.headers["x-request-id"] == f"rid-fail-{name}"
+            assert r.headers["x-client-request-id"] == f"rid-fail-{name}"
             assert set(r.json()) == {"error"}
             if name == "429":
                 # the backend now cools down: refused without an upstream call, and recorded as well
@@ -308,7 +308,7 @@ def test_client_disconnect_mid_stream_leaves_a_row(db_url: str, app_for: Callabl
                 headers={"X-Request-Id": "rid-disconnect"},
             ) as r:
                 assert r.status_code == 200
-                assert r.headers["x-request-id"] == "rid-disconnect"
+                assert r.headers["x-client-request-id"] == "rid-disconnect"
                 # read up to the first chunk that carries text, then hang up
                 received = ""
                 for line in r.iter_lines():
@@ -326,7 +326,9 @@ def test_client_disconnect_mid_stream_leaves_a_row(db_url: str, app_for: Callabl
                 headers={"X-Request-Id": "rid-complete"},
             ) as full:
                 full.read()
-        wait_for(lambda: any(r["request_id"] == "rid-disconnect" for r in request_rows(db_url)), 20, "row")
+        wait_for(
+            lambda: any(r["client_request_id"] == "rid-disconnect" for r in request_rows(db_url)), 20, "row"
+        )
     row = row_by_id(db_url, "rid-disconnect")
     assert row["outcome"] == "client_disconnected", row
     assert row["error_type"] == "client_disconnected"

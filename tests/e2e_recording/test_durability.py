@@ -142,14 +142,15 @@ def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Pat
     rows = request_rows(db_url)
     ids = [r["request_id"] for r in rows]
     assert len(ids) == len(set(ids))
-    missing = answered - set(ids)
+    client_ids = [r["client_request_id"] for r in rows]  # the X-Request-Id each request was sent with
+    missing = answered - set(client_ids)
     assert not missing, (
         f"{len(missing)} answered requests have no row, e.g. {sorted(missing)[:5]}\n{output[-3000:]}"
     )
     assert len(rows) >= len(answered)
     assert all(r["outcome"] in ("ok", "client_disconnected") for r in rows)
     # every answered request's row is complete: exact tokens from the mock's usage
-    by_id = {r["request_id"]: r for r in rows}
+    by_id = {r["client_request_id"]: r for r in rows}
     assert all(by_id[rid]["outcome"] == "ok" and not by_id[rid]["tokens_estimated"] for rid in answered)
     # nothing was left behind in a spill file: the drain wrote everything to the database
     leftovers = [p for p in (tmp_path / "data").glob("recorder-spill*.jsonl") if p.stat().st_size > 0]
@@ -272,7 +273,9 @@ def test_postgres_unreachable_mid_load_every_row_arrives_once(
     rows = request_rows(pg_migrated_url)
     ids = [r["request_id"] for r in rows]
     assert len(ids) == len(set(ids))
-    assert set(ids) == answered, (len(ids), len(answered), sorted(answered - set(ids))[:5])
+    client_ids = [r["client_request_id"] for r in rows]  # the X-Request-Id each request was sent with
+    assert len(client_ids) == len(set(client_ids))
+    assert set(client_ids) == answered, (len(ids), len(answered), sorted(answered - set(client_ids))[:5])
     # conversations and messages were not written twice by the replay either: one per request (unique prompts)
     assert count_rows(pg_migrated_url, Conversation) == len(answered)
     assert count_rows(pg_migrated_url, Message) == 2 * len(answered)

@@ -68,7 +68,8 @@ def test_conversation_lifecycle(db_url: str, app_for: Callable[..., Any], fake_a
         assert turn.status_code == 200, turn.text
         t = turn.json()
         assert t["object"] == "conversation.turn" and t["conversation_id"] == cid
-        assert t["request_id"] == "rid-turn-1" == turn.headers["x-request-id"]
+        assert t["request_id"] == turn.headers["x-request-id"] and t["request_id"].startswith("req_")
+        assert turn.headers["x-client-request-id"] == "rid-turn-1"
         assert t["message"] == {"role": "assistant", "content": "Day one: the Colosseum."}
         assert t["usage"]["total_tokens"] == 26
         assert fake_azure.bodies[-1]["messages"] == [
@@ -105,7 +106,8 @@ def test_conversation_lifecycle(db_url: str, app_for: Callable[..., Any], fake_a
             ("user", "And day two?", 2),
             ("assistant", "The Vatican museums.", 3),
         ]
-        assert [m["request_id"] for m in full["messages"]] == ["rid-turn-1"] * 2 + ["rid-turn-2"] * 2
+        ours = [turn.headers["x-request-id"], streamed.headers["x-request-id"]]
+        assert [m["request_id"] for m in full["messages"]] == [ours[0]] * 2 + [ours[1]] * 2
         assert full["message_count"] == 4
         assert full["usage"]["total_tokens"] == 52
         assert full["title"] == "Rome"

@@ -105,7 +105,7 @@ def test_threading_never_crosses_keys(db_url: str, app_for: Callable[..., Any]) 
     assert sorted(cv["message_count"] for cv in convs if cv["owner"] == a_id) == [2, 4]
     assert sorted(cv["message_count"] for cv in convs if cv["owner"] == b_id) == [2, 4]
     assert {cv["owner"] for cv in convs} == {a_id, b_id}
-    rows = {r["request_id"]: r for r in request_rows(db_url)}
+    rows = {r["client_request_id"]: r for r in request_rows(db_url)}
     assert rows["a-1"]["conversation_id"] == rows["a-2"]["conversation_id"]
     assert rows["b-1"]["conversation_id"] == rows["b-2"]["conversation_id"]
     assert rows["a-1"]["conversation_id"] != rows["b-1"]["conversation_id"]

@@ -72,14 +72,12 @@ def test_three_turn_chat_sent_the_chatbot_ui_way_is_one_conversation(
     ]
     assert [m["position"] for m in main["messages"]] == list(range(7))
     # each stored assistant reply points at the request that produced it
+    turn_rows = [row_by_id(db_url, f"rid-turn-{i}") for i in range(3)]
     assert [m["request_id"] for m in main["messages"] if m["role"] == "assistant"] == [
-        "rid-turn-0",
-        "rid-turn-1",
-        "rid-turn-2",
+        r["request_id"] for r in turn_rows
     ]
     assert main["title"] == QUESTIONS[0]
     assert main["model"] == MODEL
-    turn_rows = [row_by_id(db_url, f"rid-turn-{i}") for i in range(3)]
     assert {r["conversation_id"] for r in turn_rows} == {main["id"]}
     assert main["total_tokens"] == sum(r["total_tokens"] for r in turn_rows)
     assert row_by_id(db_url, "rid-other")["conversation_id"] not in (None, main["id"])
@@ -126,7 +124,7 @@ def test_record_content_off_records_usage_but_no_conversations(
             history.append({"role": "user", "content": question})
             history.append(_turn(c, history, f"rid-nc-{i}", stream=i == 2))
     rows = request_rows(db_url)
-    assert sorted(r["request_id"] for r in rows) == ["rid-nc-0", "rid-nc-1", "rid-nc-2"]
+    assert sorted(r["client_request_id"] for r in rows) == ["rid-nc-0", "rid-nc-1", "rid-nc-2"]
     assert all(r["total_tokens"] > 0 and r["outcome"] == "ok" for r in rows)
     assert all(r["conversation_id"] is None for r in rows)
     assert count_rows(db_url, Conversation) == 0

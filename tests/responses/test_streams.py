@@ -40,8 +40,8 @@ def test_client_disconnect_cancels_the_upstream_stream(
             assert r.status_code == 200
             assert next(r.iter_raw()).startswith(b"event: response.created\n")
     assert closed.wait(10), "the upstream stream was not closed after the client went away"
-    wait_for(lambda: any(row["request_id"] == "gone-r" for row in request_rows(migrated)), what="row")
-    (row,) = [row for row in request_rows(migrated) if row["request_id"] == "gone-r"]
+    wait_for(lambda: any(row["client_request_id"] == "gone-r" for row in request_rows(migrated)), what="row")
+    (row,) = [row for row in request_rows(migrated) if row["client_request_id"] == "gone-r"]
     assert row["outcome"] == "client_disconnected"
 
 
