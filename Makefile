@@ -25,6 +25,8 @@ $(BIN)/python:
 install: $(BIN)/python ## create the virtualenv (VENV, default .venv) and install llm-backend with its dev tools
 	$(BIN)/pip install -r requirements-dev.txt
 	$(BIN)/pip install --no-deps -e .
+	test -x .venv-clients/bin/python || $(PYTHON) -m venv .venv-clients
+	.venv-clients/bin/pip install -q -r requirements-clients.txt
 
 # The demo: the built-in mock model, a local SQLite database, no Azure account needed. Key checking is off
 # unless LLM_BACKEND_AUTH=keys is set; the server listens on 127.0.0.1 only unless HOST says otherwise.
@@ -77,8 +79,8 @@ check-deploy: ## install the deployment check tools and run the deployment tests
 	VENV=$(VENV) bash deploy/install-tools.sh
 	$(BIN)/pytest -q tests/deploy
 
-clean: ## delete the virtualenv and the tool caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+clean: ## delete the virtualenvs and the tool caches
+	rm -rf $(VENV) .venv-clients .pytest_cache .mypy_cache .ruff_cache
 
 # The real-browser test: Debian's chromium driven by playwright-core (installed by tests/ui/install.sh).
 ui-test: ## the real-browser test (installs chromium and playwright-core first)

@@ -138,6 +138,12 @@ VARIANTS: list[Variant] = [
         description="recording on, SQLite (the default DATABASE_URL)",
     ),
     Variant(
+        "recording-sqlite-nojournal",
+        {"LLM_BACKEND_RECORDING": "true", "RECORDER_JOURNAL": "false"},
+        baseline="recording-off",
+        description="recording on, SQLite, without the per-request journal (its cost: recording-sqlite vs this)",
+    ),
+    Variant(
         "recording-sqlite-usage",
         {"LLM_BACKEND_RECORDING": "true", "RECORD_CONTENT": "false"},
         baseline="recording-off",

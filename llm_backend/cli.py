@@ -225,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if conf.exists():
         argv[1:1] = ["-c", str(conf)]
     else:
-        argv += ["-k", "uvicorn_worker.UvicornWorker", "--bind", f"{args.host}:{args.port}"]
+        argv += ["-k", "llm_backend.server.Worker", "--bind", f"{args.host}:{args.port}"]
     if args.host:
         os.environ["HOST"] = args.host
     if args.port:

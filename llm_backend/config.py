@@ -41,6 +41,8 @@ ENV_VARS = (
     "LLM_BACKEND_RECORDING",
     "RECORD_CONTENT",
     "LLM_BACKEND_DATA_DIR",
+    "RECORDER_JOURNAL",
+    "RECORDER_MAX_MEMORY_RECORDS",
     "MAX_BODY_BYTES",
     "TRUSTED_PROXIES",
     "LIMITER_FAIL_OPEN",
@@ -174,6 +176,10 @@ class Settings:
     recording: bool = True
     record_content: bool = True
     data_dir: Path = Path("./data")
+    # the recorder: journal each request before its answer ends (survives SIGKILL); records kept in memory
+    # at most while neither the database nor the journal can take them (then the oldest are dropped, counted)
+    recorder_journal: bool = True
+    recorder_max_memory_records: int = 50_000
     max_body_bytes: int = 8 * 1024 * 1024
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limiter_fail_open: bool = True
@@ -216,6 +222,8 @@ class Settings:
             recording=_bool(env, "LLM_BACKEND_RECORDING", True),
             record_content=_bool(env, "RECORD_CONTENT", True),
             data_dir=Path(env.get("LLM_BACKEND_DATA_DIR", "./data")),
+            recorder_journal=_bool(env, "RECORDER_JOURNAL", True),
+            recorder_max_memory_records=_int(env, "RECORDER_MAX_MEMORY_RECORDS", 50_000),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 8 * 1024 * 1024),
             trusted_proxies=_networks(env.get("TRUSTED_PROXIES", "")),
             limiter_fail_open=_bool(env, "LIMITER_FAIL_OPEN", True),

@@ -321,17 +321,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _too_large(self) -> None:
+        self._untrack()
+        if len(self.url) * 2 > self._head_bytes:  # most of what came is the URL: the request line is too long
+            _throttle.log(
+                "url-too-long",
+                logging.INFO,
+                "refused a request whose URL exceeds MAX_HEADER_BYTES=%d",
+                self.limits.max_header_bytes,
+            )
+            self._refuse(
+                b"414 URI Too Long",
+                f"The URL is longer than the limit of {self.limits.max_header_bytes} bytes.",
+                "uri_too_long",
+            )
+            return
         _throttle.log(
             "header-too-large",
             logging.INFO,
             "refused a request whose headers exceed MAX_HEADER_BYTES=%d",
             self.limits.max_header_bytes,
         )
-        self._untrack()
         self._refuse(
             b"431 Request Header Fields Too Large",
             f"The request line and headers are larger than the limit of {self.limits.max_header_bytes} bytes.",
             "request_header_fields_too_large",
+        )
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes httptools cannot parse (a malformed request line or header, a URL past
+        the parser's limit), in OpenAI's shape instead of plain text."""
+        self._untrack()
+        self._refuse(
+            b"400 Bad Request",
+            f"{msg} The request line or a header is malformed, or the URL is longer than the server accepts.",
+            "invalid_request",
         )
 
     def _refuse(self, status: bytes, message: str, code: str, extra: bytes = b"") -> None:

@@ -146,7 +146,7 @@ def running_server(app: Any, **uvicorn_options: Any) -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("uvicorn did not start")
@@ -170,10 +170,10 @@ def gunicorn_worker_pids(proc: subprocess.Popen[bytes]) -> list[str]:
 
 @contextlib.contextmanager
 def gunicorn_server(
-    env: dict[str, str], log: Path, *, ready_path: str = "/readyz", timeout: float = 60
+    env: dict[str, str], log: Path, *, ready_path: str = "/readyz", timeout: float = 120, cwd: Path = REPO
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """The app as users run it: gunicorn with gunicorn.conf.py on a free port, with exactly `env` as its
-    environment (plus HOST and PORT).
+    environment (plus HOST and PORT), started in `cwd` (the checkout unless said otherwise).
 
     Yields the master process and the base URL once `ready_path` answers 200. On leaving, a master still
     running is stopped, and any worker it left behind is killed."""
@@ -182,7 +182,7 @@ def gunicorn_server(
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(GUNICORN), "-c", str(REPO / "gunicorn.conf.py"), "llm_backend.asgi:app"],
-            cwd=REPO,
+            cwd=cwd,
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,

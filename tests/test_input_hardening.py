@@ -487,21 +487,30 @@ def _length(data: bytes) -> int:
     return int(match.group(1)) if match else 0
 
 
-def test_a_100kb_url_is_refused_with_a_400_and_the_server_goes_on(gunicorn_url: str) -> None:
+def test_a_100kb_url_is_refused_with_a_414_and_the_server_goes_on(gunicorn_url: str) -> None:
     answer = _raw_get(gunicorn_url, "/v1/models?q=" + "a" * 100_000)
-    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert answer.startswith(b"HTTP/1.1 414 "), answer[:200]
     # the worker lives on
     assert httpx.get(gunicorn_url + "/healthz", timeout=10).status_code == 200
 
 
-@pytest.mark.xfail(
-    reason="uvicorn's httptools protocol writes its own text/plain 400 ('Invalid HTTP request received.') "
-    "when httptools.parse_url fails on a URL past 64 KiB; shaping it needs a protocol subclass configured "
-    "in the worker (gunicorn.conf.py), outside the app",
-    strict=False,
-)
 def test_a_100kb_url_is_refused_in_openai_shape(gunicorn_url: str) -> None:
     answer = _raw_get(gunicorn_url, "/v1/models?q=" + "a" * 100_000)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"application/json" in head.lower()
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "uri_too_long"
+
+
+def test_a_request_the_parser_refuses_gets_an_openai_shaped_400(gunicorn_url: str) -> None:
+    host, port = gunicorn_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), data[:200]
+    assert b"application/json" in head.lower()
     assert orjson.loads(body)["error"]["type"] == "invalid_request_error"
+    assert httpx.get(gunicorn_url + "/healthz", timeout=10).status_code == 200

@@ -188,13 +188,18 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
+def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
     """One transaction: commit on success, roll back on error.
+
+    `write=True` for a transaction that writes: on SQLite it takes the write lock as it begins (BEGIN
+    IMMEDIATE), so it waits its turn behind the recorder instead of failing with "database is locked" when
+    it reads first and another writer commits before it writes; elsewhere it changes nothing.
 
     An unreachable database, a lost connection or a timeout comes out as DatabaseUnavailable (callers map
     it to their own terms: the API answers 503 with Retry-After); every other error passes unchanged."""
     try:
-        with Session(engine, expire_on_commit=False) as session, session.begin():
+        bind = engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True}) if write else engine
+        with Session(bind, expire_on_commit=False) as session, session.begin():
             yield session
     except sa_exc.SQLAlchemyError as exc:
         down = unavailable_error(exc)

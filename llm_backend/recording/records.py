@@ -28,6 +28,8 @@ class Usage:
 OUTCOME_OK = "ok"
 OUTCOME_ERROR = "error"  # the request failed (our validation, limits, or the upstream)
 OUTCOME_CLIENT_DISCONNECTED = "client_disconnected"  # the client went away mid-stream
+# The process serving it ended first (SIGKILL, OOM): recorded from the journal, tokens estimated.
+OUTCOME_INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from llm_backend.recording.records import OUTCOME_ERROR, RequestRecord, Usage
+from llm_backend.recording.records import OUTCOME_ERROR, OUTCOME_INTERRUPTED, RequestRecord, Usage
 from llm_backend.services.flight import Flight, NullSink, RecordSink
+from llm_backend.upstream.base import Backend
 from llm_backend.upstream.errors import UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -19,6 +21,8 @@ class Accountant:
     def __init__(self, recorder: RecordSink | None = None, *, record_content: bool = True) -> None:
         self.recorder: RecordSink = recorder or NullSink()
         self.record_content = record_content
+        # provisional records (journaled when the upstream is asked), if the sink keeps them
+        self.started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
 
     async def settle(self, flight: Flight, tokens: int) -> None:
         """Settle the reservation with the tokens used (only the first call counts)."""
@@ -34,7 +38,7 @@ class Accountant:
             logger.exception("settling a rate-limit reservation failed")
 
     def estimate(self, flight: Flight, completion_tokens: int = 0) -> Usage:
-        """Usage counted by us (marked estimated): the upstream gave none."""
+        """Usage counted by us (marked estimated): the prompt, and what was answered, as far as we know."""
         prompt = flight.op.prompt_tokens(flight.body)
         return Usage(prompt, completion_tokens, prompt + completion_tokens, estimated=True)
 
@@ -49,8 +53,31 @@ class Accountant:
         ttft_ms: float | None = None,
         status: int = 200,
     ) -> None:
-        """The request was answered (a JSON answer, or a stream that ended however it ended)."""
+        """A JSON answer: settle, then record."""
         await self.settle(flight, usage.total_tokens)
+        self.answered(
+            flight,
+            outcome=outcome,
+            usage=usage,
+            reply=reply,
+            error_type=error_type,
+            ttft_ms=ttft_ms,
+            status=status,
+        )
+
+    def answered(
+        self,
+        flight: Flight,
+        *,
+        outcome: str,
+        usage: Usage,
+        reply: dict[str, Any] | None,
+        error_type: str | None = None,
+        ttft_ms: float | None = None,
+        status: int = 200,
+    ) -> None:
+        """Record a request that reached a backend (a stream records this before its end goes out; it
+        settles after)."""
         caller = flight.caller
         state = flight.state
         route = flight.route
@@ -71,6 +98,35 @@ class Accountant:
             request_messages=flight.op.messages(flight.body) if content else None,
             response_message=reply if content and outcome != OUTCOME_ERROR else None,
         )
+
+    def journal_start(
+        self, flight: Flight, backend: Backend, usage: Usage | None = None, *, status: int = 502
+    ) -> None:
+        """Journal what to record if this process dies before the request ends: outcome `interrupted`,
+        tokens estimated (the prompt; for a stream, what was relayed so far)."""
+        started = self.started
+        if started is None:
+            return
+        caller = flight.caller
+        route = flight.route
+        assert route is not None
+        recorded = caller.recorded
+        base = self._base_record(flight, status, OUTCOME_INTERRUPTED, "worker_died")
+        caller.recorded = recorded  # a provisional record does not count as the request's record
+        requested = flight.requested
+        try:
+            started(
+                RequestRecord(
+                    **base,
+                    model=route.name if not route.config.wildcard else requested,
+                    provider=backend.provider,
+                    backend=backend.name,
+                    deployment=backend.upstream_model(requested or route.name),
+                    usage=usage or self.estimate(flight),
+                )
+            )
+        except Exception:  # recording must never break serving
+            logger.exception("journaling a started request failed")
 
     async def fail(self, flight: Flight, status: int, error_type: str | None, exc: Any = None) -> None:
         """The request failed before an answer (refused, or every upstream attempt failed)."""

@@ -150,7 +150,7 @@ class ConversationService:
             self.proxy.resolve(caller, model)  # unknown or forbidden models fail now, not at the first turn
 
         def work() -> dict[str, Any]:
-            with session_scope(self.engine) as session:
+            with session_scope(self.engine, write=True) as session:
                 conv = ConversationRepository(session).create(
                     title=data.get("title"),
                     owner=caller.key_id,
@@ -216,7 +216,7 @@ class ConversationService:
 
     async def rename(self, caller: Caller, conversation_id: str, title: str) -> dict[str, Any]:
         def work() -> dict[str, Any]:
-            with session_scope(self.engine) as session:
+            with session_scope(self.engine, write=True) as session:
                 conv = ConversationRepository(session).rename(
                     conversation_id, title, owner=self.owner_filter(caller)
                 )
@@ -231,7 +231,7 @@ class ConversationService:
 
     async def delete(self, caller: Caller, conversation_id: str) -> dict[str, Any]:
         def work() -> None:
-            with session_scope(self.engine) as session:
+            with session_scope(self.engine, write=True) as session:
                 if not ConversationRepository(session).delete(
                     conversation_id, owner=self.owner_filter(caller)
                 ):
@@ -274,7 +274,7 @@ class ConversationService:
         request_id: str,
         title: str | None,
     ) -> None:
-        with session_scope(self.engine) as session:
+        with session_scope(self.engine, write=True) as session:
             repo = ConversationRepository(session)
             conv = repo.get(conversation_id)
             if conv is None:  # deleted while the model was answering

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 
 class RecordSink(Protocol):
+    """Where records go. A sink may also have `started(record)`: a provisional record, journaled when the
+    upstream is asked, for the request to be recorded even if the process dies before it ends."""
+
     def submit(self, record: RequestRecord) -> None: ...
 
 

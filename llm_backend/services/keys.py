@@ -199,7 +199,7 @@ class KeyStore:
     def create(self, data: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         fields = clean_fields(data, creating=True)
         secret = generate_key()
-        with session_scope(self.engine) as session:
+        with session_scope(self.engine, write=True) as session:
             row = ApiKeyRepository(session).create(
                 key_hash=hash_api_key(secret), key_prefix=display_prefix(secret), **fields
             )
@@ -218,7 +218,7 @@ class KeyStore:
 
     def update(self, key_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
         fields = clean_fields(data, creating=False)
-        with session_scope(self.engine) as session:
+        with session_scope(self.engine, write=True) as session:
             row = ApiKeyRepository(session).update(key_id, **fields)
             if row is None:
                 raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
@@ -227,7 +227,7 @@ class KeyStore:
         return public
 
     def delete(self, key_id: str) -> None:
-        with session_scope(self.engine) as session:
+        with session_scope(self.engine, write=True) as session:
             if not ApiKeyRepository(session).delete(key_id):
                 raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
         self._changed(key_id, None)
@@ -241,7 +241,7 @@ class KeyStore:
             return key_info(row) if row is not None else None
 
     def touch(self, key_id: str) -> None:
-        with session_scope(self.engine) as session:
+        with session_scope(self.engine, write=True) as session:
             ApiKeyRepository(session).touch(key_id)
 
     def token_totals(self, key_id: str, day_start: datetime, month_start: datetime) -> tuple[int, int]:

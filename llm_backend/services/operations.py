@@ -24,6 +24,10 @@ TEXT_CHUNKS = "text_chunks"  # legacy completions chunks: the same frames, `text
 EVENTS = "events"  # typed events (Responses API): `event:` + `data:` passed through as sent
 
 
+def _no_tokens(data: Any) -> int:
+    return 0
+
+
 @dataclass(frozen=True, slots=True)
 class Operation:
     """What the forwarding code needs to know of one operation; it never branches on the name.
@@ -43,6 +47,8 @@ class Operation:
     # when the upstream reports no usage
     reserve: Callable[[dict[str, Any], int], int]
     prompt_tokens: Callable[[dict[str, Any]], int] = estimate_prompt_tokens
+    # the completion tokens of a JSON answer that came without usage (counted from its text)
+    answer_tokens: Callable[[Any], int] = _no_tokens
     stream: str | None = None  # the stream adapter (*_CHUNKS, EVENTS); None: the operation does not stream
     stateful: bool = False  # answers are stored upstream: remember their backend (Responses API)
 
@@ -227,8 +233,46 @@ def response_reply(response: Any) -> dict[str, Any] | None:
     return reply
 
 
-def estimate_completion(texts: list[str]) -> int:
-    return sum(count_tokens(t) for t in texts)
+def _choices_tokens(data: Any) -> int:
+    """Estimated completion tokens of a chat/completions answer without `usage`: its text and tool calls."""
+    if not isinstance(data, dict):
+        return 0
+    total = 0
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict):
+            content = message.get("content")
+            if isinstance(content, str):
+                total += count_tokens(content)
+            elif isinstance(content, list):
+                total += sum(
+                    count_tokens(p["text"])
+                    for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+            for call in message.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    total += count_tokens(str(fn.get("name") or "")) + count_tokens(
+                        str(fn.get("arguments") or "")
+                    )
+        elif isinstance(choice.get("text"), str):
+            total += count_tokens(choice["text"])
+    return total
+
+
+def _response_tokens(data: Any) -> int:
+    """Estimated output tokens of a response object without `usage`: its text and function calls."""
+    reply = response_reply(data)
+    if reply is None:
+        return 0
+    total = count_tokens(reply["content"]) if isinstance(reply.get("content"), str) else 0
+    for call in reply.get("tool_calls") or ():
+        fn = call["function"]
+        total += count_tokens(str(fn.get("name") or "")) + count_tokens(str(fn.get("arguments") or ""))
+    return total
 
 
 def _reserve_completion(body: dict[str, Any], default: int) -> int:
@@ -269,6 +313,7 @@ CHAT_OP = Operation(
     _chat_reply,
     _chat_messages,
     _reserve_completion,
+    answer_tokens=_choices_tokens,
     stream=CHAT_CHUNKS,
 )
 COMPLETIONS_OP = Operation(
@@ -278,6 +323,7 @@ COMPLETIONS_OP = Operation(
     _none,
     lambda body: None,
     _reserve_completion,
+    answer_tokens=_choices_tokens,
     stream=TEXT_CHUNKS,
 )
 EMBEDDINGS_OP = Operation(
@@ -296,6 +342,7 @@ RESPONSES_OP = Operation(
     _responses_messages,
     _reserve_response,
     prompt_tokens=responses_prompt_tokens,
+    answer_tokens=_response_tokens,
     stream=EVENTS,
     stateful=True,
 )

@@ -201,6 +201,7 @@ class ProxyService:
             exc.attempts = 0  # type: ignore[attr-defined]
             raise
         budget = 1 + route.config.retries if flight.pinned is None else 1
+        journal = self.accounts.started
         last: UpstreamError | None = None
         attempts = 0
         for state in plan:
@@ -210,6 +211,8 @@ class ProxyService:
                 continue  # filled up (max_parallel) or a probe is already out
             attempts += 1
             started = time.perf_counter()
+            if journal is not None:  # what to record should this process die before the request ends
+                self.accounts.journal_start(flight, state.backend)
             try:
                 result = await send(state.backend)
             except UpstreamError as exc:
@@ -322,7 +325,8 @@ class ProxyService:
         except UpstreamError as exc:
             await self.accounts.fail(flight, exc.status_code, exc.code or exc.error_type, exc)
             raise
-        usage = op.usage(data) or self.accounts.estimate(flight)
+        # no usage in the answer: count the prompt and the reply, marked estimated
+        usage = op.usage(data) or self.accounts.estimate(flight, op.answer_tokens(data))
         if flight.on_response is not None and isinstance(data, dict):
             flight.on_response(flight, data)
         await self.accounts.finish(flight, outcome=OUTCOME_OK, usage=usage, reply=op.reply(data))

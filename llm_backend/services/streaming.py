@@ -22,6 +22,8 @@ from llm_backend.upstream.router import Router
 logger = logging.getLogger(__name__)
 
 DONE_FRAME = b"data: [DONE]\n\n"
+#: How often a running stream's provisional record is journaled again with the tokens relayed so far.
+PROGRESS_INTERVAL = 1.0
 # The events that end a Responses stream, and the outcome each one records.
 _TERMINAL_EVENTS = {
     "response.completed": OUTCOME_OK,
@@ -64,7 +66,10 @@ async def relay_chunks(
 ) -> AsyncIterator[bytes]:
     """Pass chat/completions chunks through as they arrive, keeping the shapes clients rely on: Azure's
     empty first chunk folded into the next (on the OpenAI-style routes) and the usage chunk we asked for
-    dropped unless the client asked for it."""
+    dropped unless the client asked for it.
+
+    The record is handed to the recorder (journaled) before the final `data: [DONE]` goes out; while the
+    stream runs, its provisional record is journaled again with the tokens relayed so far."""
     state = flight.state
     assert state is not None
     texts: dict[int, list[str]] = {}
@@ -74,6 +79,31 @@ async def relay_chunks(
     first_token: float | None = None
     outcome: str = OUTCOME_CLIENT_DISCONNECTED
     error_type: str | None = "client_disconnected"
+    final: tuple[Usage, dict[str, Any] | None] | None = None  # set once the record is submitted
+    journal = accountant.started is not None
+    next_progress = 0.0
+
+    def estimate() -> Usage:
+        completion = sum(count_tokens("".join(parts)) for parts in texts.values())
+        completion += sum(
+            count_tokens(str(tc.get("function", {}).get("arguments", ""))) for tc in tool_calls.values()
+        )
+        return accountant.estimate(flight, completion)
+
+    def finish() -> tuple[Usage, dict[str, Any] | None]:
+        final_usage = usage or estimate()
+        reply: dict[str, Any] | None = None
+        if chat:
+            reply = {"role": "assistant", "content": "".join(texts.get(0, [])) or None}
+            if tool_calls:
+                reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
+        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
+        flight.caller.log["outcome"] = outcome
+        accountant.answered(
+            flight, outcome=outcome, usage=final_usage, reply=reply, error_type=error_type, ttft_ms=ttft
+        )
+        return final_usage, reply
+
     try:
         yield b""  # consumed by the forwarder: from here on, closing the relay always runs its cleanup
         async for payload in upstream:
@@ -108,9 +138,14 @@ async def relay_chunks(
                 else:
                     held = {**(held or {}), **{k: v for k, v in chunk.items() if k != "choices"}}
                 continue
+            _accumulate(choices, chat, texts, tool_calls)
+            if journal and (texts or tool_calls):
+                now = time.perf_counter()
+                if now >= next_progress:  # the first text, then once a PROGRESS_INTERVAL
+                    next_progress = now + PROGRESS_INTERVAL
+                    accountant.journal_start(flight, state.backend, estimate(), status=200)
             if first_token is None:
                 first_token = time.perf_counter()
-            _accumulate(choices, chat, texts, tool_calls)
             if held is not None:
                 chunk = {**held, **chunk}
                 held = None
@@ -119,36 +154,24 @@ async def relay_chunks(
                 yield b"data: " + payload + b"\n\n"
         else:
             outcome, error_type = OUTCOME_OK, None
+        final = finish()
         yield DONE_FRAME
     except UpstreamError as exc:
         outcome, error_type = OUTCOME_ERROR, exc.code or exc.error_type
         _broke(router, flight, exc)
         yield b"data: " + orjson.dumps(exc.error_body()) + b"\n\n"
+        if final is None:
+            final = finish()
         yield DONE_FRAME
     finally:
         router.release(state)
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
-            if usage is None:
-                completion = sum(count_tokens("".join(parts)) for parts in texts.values())
-                completion += sum(
-                    count_tokens(str(tc.get("function", {}).get("arguments", "")))
-                    for tc in tool_calls.values()
-                )
-                usage = accountant.estimate(flight, completion)
-            final_usage: Usage = usage
+            if final is None:  # the client went away (or something cut the relay short)
+                final = finish()
+            final_usage, reply = final
             await accountant.settle(flight, final_usage.total_tokens)
-        reply: dict[str, Any] | None = None
-        if chat:
-            reply = {"role": "assistant", "content": "".join(texts.get(0, [])) or None}
-            if tool_calls:
-                reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
-        flight.caller.log["outcome"] = outcome
         await _on_reply(flight, reply, final_usage, outcome)
-        await accountant.finish(
-            flight, outcome=outcome, usage=final_usage, reply=reply, error_type=error_type, ttft_ms=ttft
-        )
 
 
 def _accumulate(
@@ -236,7 +259,10 @@ async def relay_events(
 ) -> AsyncIterator[bytes]:
     """Pass typed events (`event:` + `data:`) through exactly as the upstream sent them, the moment they
     arrive; read usage and the reply from the final `response.*` event. A stream that breaks off or ends
-    without a final event ends with an `error` event. `flight.on_response` sees the created response."""
+    without a final event ends with an `error` event. `flight.on_response` sees the created response.
+
+    As for chat, the record is handed to the recorder before the last event goes out, and journaled while
+    the stream runs."""
     on_response = flight.on_response
     state = flight.state
     assert state is not None
@@ -247,9 +273,25 @@ async def relay_events(
     error_type: str | None = "client_disconnected"
     sequence = 0
     announced = False
+    final: tuple[Usage, dict[str, Any] | None] | None = None  # set once the record is submitted
+    journal = accountant.started is not None
+    next_progress = 0.0
+
+    def finish() -> tuple[Usage, dict[str, Any] | None]:
+        read = responses_usage(response.get("usage")) if response is not None else None
+        usage = read or accountant.estimate(flight, count_tokens(_delta_text(deltas)))
+        reply = response_reply(response) if response is not None and response.get("output") else None
+        if reply is None or (reply.get("content") is None and not reply.get("tool_calls")):
+            reply = {"role": "assistant", "content": _delta_text(deltas) or None}
+        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
+        flight.caller.log["outcome"] = outcome
+        accountant.answered(
+            flight, outcome=outcome, usage=usage, reply=reply, error_type=error_type, ttft_ms=ttft
+        )
+        return usage, reply
+
     try:
         yield b""  # consumed by the forwarder: from here on, closing the relay always runs its cleanup
-        terminal = None
         pair: Any
         async for pair in upstream:
             block, payload = pair
@@ -259,6 +301,10 @@ async def relay_events(
                 if first_token is None:
                     first_token = time.perf_counter()
                 deltas.append(payload)
+                if journal and (now := time.perf_counter()) >= next_progress:
+                    next_progress = now + PROGRESS_INTERVAL
+                    estimate = accountant.estimate(flight, count_tokens(_delta_text(deltas)))
+                    accountant.journal_start(flight, state.backend, estimate, status=200)
                 yield block + b"\n\n"
                 continue
             if payload == b"[DONE]":
@@ -286,39 +332,35 @@ async def relay_events(
                 if not announced and on_response is not None and response.get("id"):
                     announced = True
                     on_response(flight, response)
-            yield block + b"\n\n"
             if kind in _TERMINAL_EVENTS:
-                terminal = kind
+                outcome = _TERMINAL_EVENTS[kind]
+                if outcome == OUTCOME_OK:
+                    error_type = None
+                else:
+                    err = (response or {}).get("error") if kind == "response.failed" else event
+                    error_type = (
+                        str(err.get("code") or err.get("type") or kind) if isinstance(err, dict) else kind
+                    )
+                final = finish()
+                yield block + b"\n\n"
                 break
-        if terminal is None:
+            yield block + b"\n\n"
+        else:
             raise UpstreamBadResponse(
                 f"the upstream stream from {state.name!r} ended before it was complete", backend=state.name
-            )
-        outcome = _TERMINAL_EVENTS[terminal]
-        if outcome == OUTCOME_OK:
-            error_type = None
-        else:
-            err = (response or {}).get("error") if terminal == "response.failed" else event
-            error_type = (
-                str(err.get("code") or err.get("type") or terminal) if isinstance(err, dict) else terminal
             )
     except UpstreamError as exc:
         outcome, error_type = OUTCOME_ERROR, exc.code or exc.error_type
         _broke(router, flight, exc)
+        if final is None:
+            final = finish()
         yield failed_event(exc, max(sequence, _sequence_of(deltas[-1:])) + 1)
     finally:
         router.release(state)
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
-            read = responses_usage(response.get("usage")) if response is not None else None
-            usage = read or accountant.estimate(flight, count_tokens(_delta_text(deltas)))
+            if final is None:  # the client went away (or something cut the relay short)
+                final = finish()
+            usage, reply = final
             await accountant.settle(flight, usage.total_tokens)
-        reply = response_reply(response) if response is not None and response.get("output") else None
-        if reply is None or (reply.get("content") is None and not reply.get("tool_calls")):
-            reply = {"role": "assistant", "content": _delta_text(deltas) or None}
-        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
-        flight.caller.log["outcome"] = outcome
         await _on_reply(flight, reply, usage, outcome)
-        await accountant.finish(
-            flight, outcome=outcome, usage=usage, reply=reply, error_type=error_type, ttft_ms=ttft
-        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from llm_backend.config import BreakerConfig, ModelConfig
@@ -76,13 +76,19 @@ class Router:
     """Resolves model names and orders backends by the model's strategy; one per worker."""
 
     def __init__(
-        self, models: Iterable[ModelConfig], backends: dict[str, Backend], *, rng: random.Random | None = None
+        self,
+        models: Iterable[ModelConfig],
+        backends: dict[str, Backend],
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._routes: dict[str, ModelRoute] = {}
         self._wildcard: ModelRoute | None = None
         self.states: dict[str, BackendState] = {}
         self.models: list[ModelConfig] = []
         self.rng = rng or random.Random()
+        self.clock = clock  # cool-downs and breaker windows; injectable so tests need not sleep
         for model in models:
             states = []
             for bc in model.backends:
@@ -110,7 +116,7 @@ class Router:
 
     def plan(self, route: ModelRoute) -> list[BackendState]:
         """Backends to try, best first. Raises NoBackendAvailable when all are open or cooling down."""
-        now = time.monotonic()
+        now = self.clock()
         ready = [s for s in route.backends if s.available(now)]
         if not ready:
             earliest = min(s.recovers_at(now) for s in route.backends)
@@ -161,7 +167,7 @@ class Router:
 
     def acquire(self, state: BackendState) -> bool:
         """Take a slot on the backend just before calling it; False if it filled up meanwhile."""
-        now = time.monotonic()
+        now = self.clock()
         if not state.available(now):
             return False
         if state.state == OPEN:
@@ -182,19 +188,19 @@ class Router:
             state.probing = False
             if state.state == HALF_OPEN:
                 state.state = OPEN
-                state.open_until = time.monotonic()
+                state.open_until = self.clock()
 
     def earliest_recovery(self, route: ModelRoute) -> float | None:
         """Seconds until the first of the route's backends can take a request again (at least 1); None
         when one can right now."""
-        now = time.monotonic()
+        now = self.clock()
         soonest = min(s.recovers_at(now) for s in route.backends)
         return None if soonest <= now else max(1.0, soonest - now)
 
     def succeeded(self, state: BackendState, latency_ms: float, *, release: bool = True) -> None:
         if release:
             self.release(state)
-        now = time.monotonic()
+        now = self.clock()
         state.successes += 1
         state.consecutive_failures = 0
         self._outcome(state, now, True)
@@ -207,7 +213,7 @@ class Router:
     def failed(self, state: BackendState, exc: UpstreamError, *, release: bool = True) -> None:
         if release:
             self.release(state)
-        now = time.monotonic()
+        now = self.clock()
         if not exc.retryable:
             # the caller's answer (400/404/content filter): the backend itself is healthy
             state.successes += 1
@@ -266,7 +272,7 @@ class Router:
 
     def snapshot(self) -> list[dict[str, object]]:
         """Each backend's state, for /admin/backends."""
-        now = time.monotonic()
+        now = self.clock()
         out: list[dict[str, object]] = []
         for s in self.states.values():
             cfg = s.backend.config

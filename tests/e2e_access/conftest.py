@@ -119,6 +119,23 @@ def _clean_redis_state() -> Iterator[None]:
         client.close()
 
 
+@pytest.fixture(autouse=True)
+def _patient_redis_limiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's Redis limiter waits for Redis as long as a loaded machine needs: with the production timeout
+    (1 s) a slow answer fails open and lets requests through unchecked, which a limits test would count."""
+    from llm_backend.services import access
+
+    real = access.make_limiter
+
+    def make_limiter(redis_url: str | None, *, fail_open: bool, **options: Any) -> Any:
+        if redis_url:
+            options.setdefault("timeout_s", 30.0)
+            options.setdefault("pool_timeout_s", 60.0)
+        return real(redis_url, fail_open=fail_open, **options)
+
+    monkeypatch.setattr(access, "make_limiter", make_limiter)
+
+
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def limiter_redis_url(request: pytest.FixtureRequest) -> str | None:
     """The limiter under test: None for the in-process limiter, TEST_REDIS_URL for the Redis one."""

@@ -259,7 +259,7 @@ def fake_azure(httpserver: HTTPServer) -> FakeAzure:
 uvicorn_server = running_server  # the shared real-port server; leaving it drains the recorder
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

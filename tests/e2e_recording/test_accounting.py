@@ -327,7 +327,7 @@ def test_client_disconnect_mid_stream_leaves_a_row(db_url: str, app_for: Callabl
             ) as full:
                 full.read()
         wait_for(
-            lambda: any(r["client_request_id"] == "rid-disconnect" for r in request_rows(db_url)), 20, "row"
+            lambda: any(r["client_request_id"] == "rid-disconnect" for r in request_rows(db_url)), 60, "row"
         )
     row = row_by_id(db_url, "rid-disconnect")
     assert row["outcome"] == "client_disconnected", row

@@ -117,7 +117,7 @@ def gunicorn(db_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byt
         "GRACEFUL_TIMEOUT": "25",
     }
     log = tmp_path / "gunicorn.log"
-    with gunicorn_server(env, log, timeout=20) as (proc, base):
+    with gunicorn_server(env, log) as (proc, base):
         yield proc, base, log
 
 
@@ -127,9 +127,9 @@ _worker_pids = gunicorn_worker_pids
 def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Path) -> None:
     with gunicorn(db_url, tmp_path) as (proc, base, log):
         # both workers are up before the load starts (each has its own recorder)
-        wait_for(lambda: len(_worker_pids(proc)) >= 2, 15, "two gunicorn workers")
+        wait_for(lambda: len(_worker_pids(proc)) >= 2, 60, "two gunicorn workers")
         with Load(base, threads=8) as load:
-            wait_for(lambda: len(load.answered) >= 150, 20, "150 answered requests")
+            wait_for(lambda: len(load.answered) >= 150, 60, "150 answered requests")
             proc.send_signal(signal.SIGTERM)
             signalled_at = len(load.answered)
             code = proc.wait(timeout=30)
@@ -252,17 +252,16 @@ def test_postgres_unreachable_mid_load_every_row_arrives_once(
     try:
         with uvicorn_server(app) as base:
             with Load(base, threads=4, pause=0.04) as load:
-                wait_for(lambda: len(load.answered) >= 40, 15, "40 answered requests")
-                wait_for(lambda: count_rows(pg_migrated_url, RequestLog) > 0, 10, "rows written while up")
+                wait_for(lambda: len(load.answered) >= 40, 60, "40 answered requests")
+                wait_for(lambda: count_rows(pg_migrated_url, RequestLog) > 0, 60, "rows written while up")
                 forwarder.stop()
                 outage_from = load.sent()
                 # the database is gone: serving goes on, records spill (and the metric says so)
-                wait_for(lambda: _gauge(base, "llm_backend_recorder_spilled") > 0, 15, "records spilled")
-                time.sleep(2)
-                assert load.sent() - outage_from >= 20, "traffic did not continue during the outage"
+                wait_for(lambda: _gauge(base, "llm_backend_recorder_spilled") > 0, 60, "records spilled")
+                wait_for(lambda: load.sent() - outage_from >= 20, 60, "traffic going on during the outage")
                 forwarder.start()
                 # replayed in order while traffic goes on (a rate the in-process test setup can sustain)
-                wait_for(lambda: _gauge(base, "llm_backend_recorder_spilled") == 0, 20, "spill file replayed")
+                wait_for(lambda: _gauge(base, "llm_backend_recorder_spilled") == 0, 60, "spill file replayed")
                 time.sleep(0.5)
             assert load.non_200 == [], load.non_200[:5]
             assert load.failed == 0

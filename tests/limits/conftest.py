@@ -88,7 +88,8 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 
     url = redis_url_or_skip()
     prefix = f"test:llmb:rl:{uuid.uuid4().hex[:12]}:"
-    limiter = RedisLimiter(url, prefix=prefix, fail_open=False)
+    # a loaded machine can take longer than the 1 s production timeout to answer: tests wait for Redis
+    limiter = RedisLimiter(url, prefix=prefix, fail_open=False, timeout_s=30, pool_timeout_s=60)
 
     def advance(seconds: float) -> None:
         # Test hook: shifts the Redis TIME the scripts see, so windows and days pass without sleeping.

@@ -7,6 +7,7 @@ per session and cleared after every test, so each test sees three empty regions.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,11 +84,18 @@ def central(_central_server: HTTPServer) -> Iterator[HTTPServer]:
 
 @pytest.fixture
 def laggard() -> Iterator[HTTPServer]:
-    """A region of its own for slow handlers: their late log entries must not leak into the next test."""
+    """A region of its own for slow handlers: their late log entries must not leak into the next test.
+    Requests held by `stall` are let go when the test ends."""
     server = _start_server()
     yield server
+    for release in _releases.pop(id(server), []):
+        release.set()
     server.clear()
     server.stop()
+
+
+#: The release events of the handlers `stall` installed, per server.
+_releases: dict[int, list[threading.Event]] = {}
 
 
 def region(server: HTTPServer | str, name: str, **kw: Any) -> BackendConfig:
@@ -159,6 +167,24 @@ def slow(server: HTTPServer, seconds: float, text: str = "slow") -> list[float]:
     return arrivals
 
 
+def stall(server: HTTPServer, body: bytes, content_type: str) -> list[float]:
+    """The region takes each request and answers (`body`) only when the test ends, or after a minute: a
+    timeout shorter than that, not the region's answer, is what ends the attempt, however slow the machine.
+    Returns the list of arrival times it appends to."""
+    reset(server)
+    arrivals: list[float] = []
+    release = threading.Event()
+    _releases.setdefault(id(server), []).append(release)
+
+    def handler(request: Request) -> Response:
+        arrivals.append(time.monotonic())
+        release.wait(60)
+        return Response(body, content_type=content_type)
+
+    server.expect_request(CHAT_PATH, method="POST").respond_with_handler(handler)
+    return arrivals
+
+
 def stream_ok(server: HTTPServer) -> None:
     server.clear_all_handlers()
     server.expect_request(CHAT_PATH, method="POST").respond_with_data(
@@ -186,6 +212,38 @@ def cut_stream(server: HTTPServer, n: int = 4) -> None:
 def hits(server: HTTPServer) -> int:
     """How many requests reached the region."""
     return len(server.log)
+
+
+# -- time ----------------------------------------------------------------------------------------------------
+
+
+class RouterClock:
+    """The routers' clock (cool-downs, breaker windows), moved by hand: a test says when time passes, so a
+    stalled machine cannot open or close a window behind its back."""
+
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def router_clock(monkeypatch: pytest.MonkeyPatch) -> RouterClock:
+    """Every Router the app builds in this test runs on a RouterClock."""
+    import llm_backend.lifespan
+
+    clock = RouterClock()
+
+    def make(*args: Any, **kw: Any) -> Router:
+        kw.setdefault("clock", clock)
+        return Router(*args, **kw)
+
+    monkeypatch.setattr(llm_backend.lifespan, "Router", make)
+    return clock
 
 
 # -- apps ----------------------------------------------------------------------------------------------------
@@ -252,9 +310,10 @@ def fake(name: str, **kw: Any) -> BackendConfig:
     return BackendConfig(provider="mock", name=name, **kw)
 
 
-def make_router(cfg: ModelConfig, *, seed: int = 7) -> Router:
+def make_router(cfg: ModelConfig, *, seed: int = 7, clock: Callable[[], float] | None = None) -> Router:
     import random
 
+    kw: dict[str, Any] = {"clock": clock} if clock is not None else {}
     return Router(
-        [cfg], {f"{cfg.name}/{b.name}": FakeBackend(b) for b in cfg.backends}, rng=random.Random(seed)
+        [cfg], {f"{cfg.name}/{b.name}": FakeBackend(b) for b in cfg.backends}, rng=random.Random(seed), **kw
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 
 import orjson
 import pytest
@@ -26,6 +25,7 @@ from tests.routing.conftest import (
     ADMIN,
     CHAT_PATH,
     FakeBackend,
+    RouterClock,
     answer,
     backends,
     chat,
@@ -45,27 +45,25 @@ def two_regions(east: HTTPServer, west: HTTPServer, **kw) -> object:
     return model(region(east, "eastus", priority=0), region(west, "westus", priority=1), **kw)
 
 
-def open_east(c, east: HTTPServer, west: HTTPServer) -> float:
-    """Three 500s from east (each request served by west): east's breaker opens. Returns when it opened."""
+def open_east(c, east: HTTPServer, west: HTTPServer) -> None:
+    """Three 500s from east (each request served by west): east's breaker opens."""
     fail(east, 500)
     answer(west, "west")
     for i in range(3):
         assert content(chat(c)) == "west"
         state = backends(c)["eastus"]["state"]
         assert state == ("open" if i == 2 else "closed"), (i, state)
-    opened = time.monotonic()
     assert (hits(east), hits(west)) == (3, 3)
-    return opened
 
 
 # -- through the app ----------------------------------------------------------------------------------------
 
 
 def test_500s_open_the_breaker_and_a_successful_probe_closes_it(
-    open_client, east: HTTPServer, west: HTTPServer
+    open_client, router_clock, east: HTTPServer, west: HTTPServer
 ) -> None:
     c = open_client(two_regions(east, west))
-    opened = open_east(c, east, west)
+    open_east(c, east, west)
 
     state = backends(c)["eastus"]
     assert state["failures"] == 3 and state["consecutive_failures"] == 3
@@ -79,7 +77,7 @@ def test_500s_open_the_breaker_and_a_successful_probe_closes_it(
 
     # after the cool-down the next request probes east; it succeeds and closes the breaker
     answer(east, "east")
-    time.sleep(max(0.0, 1.1 - (time.monotonic() - opened)))
+    router_clock.advance(1.1)
     assert backends(c)["eastus"]["state"].startswith("half_open")
     assert content(chat(c)) == "east"
     assert (hits(east), hits(west)) == (4, 4)
@@ -88,10 +86,12 @@ def test_500s_open_the_breaker_and_a_successful_probe_closes_it(
     assert content(chat(c)) == "east"
 
 
-def test_a_failed_probe_reopens_the_breaker(open_client, east: HTTPServer, west: HTTPServer) -> None:
+def test_a_failed_probe_reopens_the_breaker(
+    open_client, router_clock, east: HTTPServer, west: HTTPServer
+) -> None:
     c = open_client(two_regions(east, west))
-    opened = open_east(c, east, west)
-    time.sleep(max(0.0, 1.1 - (time.monotonic() - opened)))
+    open_east(c, east, west)
+    router_clock.advance(1.1)
 
     # the probe fails: west serves, east is open again for a whole cool-down
     assert content(chat(c)) == "west"
@@ -104,7 +104,7 @@ def test_a_failed_probe_reopens_the_breaker(open_client, east: HTTPServer, west:
 
 
 def test_failure_rate_over_the_window_opens_the_breaker(
-    open_client, east: HTTPServer, west: HTTPServer
+    open_client, router_clock, east: HTTPServer, west: HTTPServer
 ) -> None:
     statuses = itertools.cycle([200, 500])
 
@@ -154,7 +154,7 @@ def test_admin_backends_needs_the_admin_key(open_client, east: HTTPServer, west:
 
 
 def test_all_breakers_open_gives_503_with_retry_after(
-    open_client, east: HTTPServer, west: HTTPServer
+    open_client, router_clock, east: HTTPServer, west: HTTPServer
 ) -> None:
     fail(east, 500)
     fail(west, 500)
@@ -170,7 +170,7 @@ def test_all_breakers_open_gives_503_with_retry_after(
 
 
 def test_all_cooling_after_429_gives_503_with_the_earliest_recovery(
-    open_client, east: HTTPServer, west: HTTPServer
+    open_client, router_clock, east: HTTPServer, west: HTTPServer
 ) -> None:
     fail(east, 429, headers={"Retry-After": "2"})
     fail(west, 429, headers={"Retry-After": "20"})
@@ -185,7 +185,7 @@ def test_all_cooling_after_429_gives_503_with_the_earliest_recovery(
 
 
 def test_open_and_cooling_mixed_gives_503_with_the_earliest(
-    open_client, east: HTTPServer, west: HTTPServer
+    open_client, router_clock, east: HTTPServer, west: HTTPServer
 ) -> None:
     fail(east, 500)
     fail(west, 429, headers={"Retry-After": "2"})
@@ -199,9 +199,9 @@ def test_open_and_cooling_mixed_gives_503_with_the_earliest(
 # -- Router units --------------------------------------------------------------------------------------------
 
 
-def _router(**breaker_kw):
+def _router(clock: RouterClock, **breaker_kw):
     cfg = model(fake("a"), fake("b", priority=1), breaker=quick_breaker(**breaker_kw))
-    router = make_router(cfg)
+    router = make_router(cfg, clock=clock)
     route = router.resolve("gpt-4o")
     assert route is not None
     return router, route, router.states["gpt-4o/a"], router.states["gpt-4o/b"]
@@ -213,11 +213,12 @@ def _fail(router, state, exc=None) -> None:
 
 
 def test_half_open_lets_exactly_one_probe_through() -> None:
-    router, route, a, b = _router(failure_threshold=1, cooldown=0.05)
+    clock = RouterClock()
+    router, route, a, b = _router(clock, failure_threshold=1, cooldown=0.05)
     _fail(router, a)
     assert a.state == OPEN
     assert router.plan(route) == [b]
-    time.sleep(0.06)
+    clock.advance(0.06)
     assert router.plan(route) == [a, b]
     assert router.acquire(a)  # the probe
     assert a.state == HALF_OPEN
@@ -229,22 +230,24 @@ def test_half_open_lets_exactly_one_probe_through() -> None:
 
 
 def test_caller_errors_do_not_count_and_close_a_half_open_breaker() -> None:
-    router, _, a, _ = _router(failure_threshold=2, cooldown=0.05)
+    clock = RouterClock()
+    router, _, a, _ = _router(clock, failure_threshold=2, cooldown=0.05)
     for _ in range(5):
         _fail(router, a, UpstreamClientError("bad", status_code=400, body=None))
     assert a.state == CLOSED and a.failures == 0
     _fail(router, a)
     _fail(router, a)
     assert a.state == OPEN
-    time.sleep(0.06)
+    clock.advance(0.06)
     _fail(router, a, UpstreamClientError("bad", status_code=400, body=None))
     assert a.state == CLOSED, "a probe answered by the upstream (even a 400) shows the backend is up"
 
 
 def test_a_429_on_the_probe_reopens_for_the_retry_after() -> None:
-    router, route, a, b = _router(failure_threshold=1, cooldown=0.05)
+    clock = RouterClock()
+    router, route, a, b = _router(clock, failure_threshold=1, cooldown=0.05)
     _fail(router, a)
-    time.sleep(0.06)
+    clock.advance(0.06)
     _fail(router, a, UpstreamRateLimited("quota", retry_after=5.0))
     assert a.state == OPEN
     with pytest.raises(NoBackendAvailable) as info:
@@ -254,7 +257,8 @@ def test_a_429_on_the_probe_reopens_for_the_retry_after() -> None:
 
 
 def test_429s_do_not_count_towards_the_breaker_threshold() -> None:
-    router, _, a, _ = _router(failure_threshold=3, cooldown=30)
+    clock = RouterClock()
+    router, _, a, _ = _router(clock, failure_threshold=3, cooldown=30)
     for _ in range(2):
         _fail(router, a, UpstreamRateLimited("quota", retry_after=0.0))
     _fail(router, a)
@@ -272,33 +276,38 @@ async def test_a_cancelled_probe_does_not_lock_the_backend_out() -> None:
     from llm_backend.upstream.router import Router
 
     cfg = model(fake("a"), fake("b", priority=1), breaker=quick_breaker(failure_threshold=1, cooldown=0.05))
+    clock = RouterClock()
     router = Router(
         [cfg],
         {"gpt-4o/a": _Hanging(cfg.backends[0]), "gpt-4o/b": _Hanging(cfg.backends[1])},
         rng=random.Random(1),
+        clock=clock,
     )
     route = router.resolve("gpt-4o")
     a = router.states["gpt-4o/a"]
     _fail(router, a)
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
 
     proxy = ProxyService(router)
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     task = asyncio.create_task(
         proxy.forward(CHAT, body, Caller(request_id="r1", route="/v1/chat/completions"))
     )
-    await asyncio.sleep(0.05)
+    for _ in range(6000):  # until the probe is out (no time is involved: at most a few loop turns)
+        if a.in_flight:
+            break
+        await asyncio.sleep(0.005)
     assert a.state == HALF_OPEN and a.in_flight == 1  # the probe is out
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert a.in_flight == 0
-    await asyncio.sleep(0.1)  # longer than the cool-down
+    clock.advance(0.1)  # longer than the cool-down
     assert a in router.plan(route), "the backend must get another probe"
 
 
 def test_all_regions_429_tells_the_client_the_earliest_recovery(
-    open_client, east: HTTPServer, west: HTTPServer
+    open_client, router_clock, east: HTTPServer, west: HTTPServer
 ) -> None:
     fail(east, 429, headers={"Retry-After": "2"})
     fail(west, 429, headers={"Retry-After": "20"})

@@ -76,15 +76,20 @@ def test_the_credential_is_closed_at_shutdown(settings, credential: FakeCredenti
     assert credential.closed
 
 
-def test_a_token_near_expiry_is_refreshed(open_client, credential: FakeCredential, east: HTTPServer) -> None:
-    # tok-1 leaves the refresh margin after ~1 s; tok-2 lasts an hour
-    credential.lifetimes = [REFRESH_MARGIN + 1.0, 3600.0]
+def test_a_token_near_expiry_is_refreshed(
+    open_client, credential: FakeCredential, east: HTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tok-1 leaves the refresh margin after 30 s; tok-2 lasts an hour
+    credential.lifetimes = [REFRESH_MARGIN + 30.0, 3600.0]
+    # the token provider's clock, moved by hand (the credential's expiry times stay real ones)
+    later = SimpleNamespace(offset=0.0)
+    monkeypatch.setattr(identity, "time", SimpleNamespace(time=lambda: time.time() + later.offset))
     answer(east)
     c = open_client(model(entra(east)))
     assert chat(c).status_code == 200
     assert chat(c).status_code == 200
     assert len(credential.scopes) == 1
-    time.sleep(1.1)
+    later.offset = 31.0
     assert chat(c).status_code == 200
     assert chat(c).status_code == 200
     assert len(credential.scopes) == 2

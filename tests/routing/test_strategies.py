@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import collections
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import orjson
 import pytest
 from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
 
 from llm_backend.app import create_app
 from llm_backend.upstream.errors import NoBackendAvailable
-from tests.conftest import assert_openai_error, running_server
+from tests.conftest import assert_openai_error, azure_chat_completion, running_server
 from tests.routing.conftest import (
+    CHAT_PATH,
     MESSAGES,
     answer,
     chat,
@@ -22,7 +28,7 @@ from tests.routing.conftest import (
     make_router,
     model,
     region,
-    slow,
+    reset,
 )
 
 # -- through the app -------------------------------------------------------------------------------------
@@ -62,37 +68,70 @@ def test_priority_sends_everything_to_the_lowest_number(
     assert hits(east) == 0
 
 
-def _concurrently(url: str, n: int) -> list[httpx.Response]:
-    body = {"model": "gpt-4o", "messages": MESSAGES}
-    with httpx.Client(base_url=url, timeout=10) as http, ThreadPoolExecutor(n) as pool:
-        return list(pool.map(lambda _: http.post("/v1/chat/completions", json=body), range(n)))
+def _held_until(server: HTTPServer, text: str, arrivals: list[str], done: threading.Event) -> None:
+    """The region answers `text` once `done` is set (a minute at most), noting each arrival first."""
+    reset(server)
+
+    def handler(request: Request) -> Response:
+        arrivals.append(text)
+        done.wait(60)
+        return Response(orjson.dumps(azure_chat_completion(text)), content_type="application/json")
+
+    server.expect_request(CHAT_PATH, method="POST").respond_with_handler(handler)
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def test_least_busy_spreads_concurrent_slow_requests(settings, east: HTTPServer, west: HTTPServer) -> None:
-    slow(east, 0.5, "east")
-    slow(west, 0.5, "west")
+    n = 8
+    arrivals: list[str] = []
+    everyone_in = threading.Event()
+    # no answer comes back before all 8 requests are in flight, however slowly they are sent
+    _held_until(east, "east", arrivals, everyone_in)
+    _held_until(west, "west", arrivals, everyone_in)
     # east is preferred by priority; least_busy must ignore that while east is busier
     cfg = model(region(east, "eastus", priority=0), region(west, "westus", priority=1), strategy="least_busy")
-    with running_server(create_app(settings(cfg))) as url:
-        responses = _concurrently(url, 8)
+    with running_server(create_app(settings(cfg))) as url, ThreadPoolExecutor(n) as pool:
+        with httpx.Client(base_url=url, timeout=90) as http:
+            body = {"model": "gpt-4o", "messages": MESSAGES}
+            futures = [pool.submit(http.post, "/v1/chat/completions", json=body) for _ in range(n)]
+            try:
+                _wait_for(lambda: len(arrivals) == n, f"{n} requests in flight")
+            finally:
+                everyone_in.set()
+            responses = [f.result() for f in futures]
     served = collections.Counter(r.json()["choices"][0]["message"]["content"] for r in responses)
     assert all(r.status_code == 200 for r in responses)
     assert 3 <= served["east"] <= 5 and 3 <= served["west"] <= 5, served
 
 
 def test_max_parallel_full_everywhere_gives_503(settings, laggard: HTTPServer, west: HTTPServer) -> None:
-    slow(laggard, 0.6, "east")
-    slow(west, 0.6, "west")
+    arrivals: list[str] = []
+    release = threading.Event()
+    _held_until(laggard, "east", arrivals, release)
+    _held_until(west, "west", arrivals, release)
     cfg = model(region(laggard, "eastus", max_parallel=1), region(west, "westus", priority=1, max_parallel=1))
-    with running_server(create_app(settings(cfg))) as url:
-        responses = _concurrently(url, 3)
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses == [200, 200, 503], [r.text for r in responses]
-    (refused,) = [r for r in responses if r.status_code == 503]
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    with running_server(create_app(settings(cfg))) as url, ThreadPoolExecutor(2) as pool:
+        with httpx.Client(base_url=url, timeout=90) as http:
+            held = [pool.submit(http.post, "/v1/chat/completions", json=body) for _ in range(2)]
+            try:
+                _wait_for(lambda: len(arrivals) == 2, "both regions to hold a request")
+                # each region's only slot is taken: a third request has nowhere to go
+                refused = http.post("/v1/chat/completions", json=body)
+            finally:
+                release.set()
+            responses = [f.result() for f in held]
     assert_openai_error(refused, 503, code="no_backend_available")
     assert "parallel" in refused.json()["error"]["message"]
     assert refused.headers["retry-after"] == "1"
-    served = sorted(r.json()["choices"][0]["message"]["content"] for r in responses if r.status_code == 200)
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    served = sorted(r.json()["choices"][0]["message"]["content"] for r in responses)
     assert served == ["east", "west"]
 
 

@@ -25,7 +25,7 @@ const ARGS = [
   "--disable-component-update",
   "--disable-sync",
 ];
-const WAIT_MS = Number(process.env.UI_WAIT_MS || 10000);
+const WAIT_MS = Number(process.env.UI_WAIT_MS || 60000);
 const TURNS = [
   { question: "Hello there", expect: "You said: Hello there" },
   { question: "And a second question", expect: "You said: And a second question" },
@@ -59,7 +59,7 @@ let browser;
 let page;
 try {
   // launch() gives every run a fresh temporary profile (user-data-dir) and deletes it on close
-  browser = await chromium.launch({ executablePath: EXECUTABLE, args: ARGS, timeout: 20000 });
+  browser = await chromium.launch({ executablePath: EXECUTABLE, args: ARGS, timeout: 60000 });
   summary.browser = browser.version();
   const context = await browser.newContext({ viewport: { width: 1000, height: 720 } });
   page = await context.newPage();
