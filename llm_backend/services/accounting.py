@@ -7,7 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from llm_backend.recording.records import OUTCOME_ERROR, OUTCOME_INTERRUPTED, RequestRecord, Usage
+from llm_backend.recording.records import (
+    OUTCOME_ERROR,
+    OUTCOME_INTERRUPTED,
+    OUTCOME_OK,
+    RequestRecord,
+    Usage,
+)
 from llm_backend.services.flight import Flight, NullSink, RecordSink
 from llm_backend.upstream.base import Backend
 from llm_backend.upstream.errors import UpstreamError
@@ -42,28 +48,25 @@ class Accountant:
         prompt = flight.op.prompt_tokens(flight.body)
         return Usage(prompt, completion_tokens, prompt + completion_tokens, estimated=True)
 
-    async def finish(
-        self,
-        flight: Flight,
-        *,
-        outcome: str,
-        usage: Usage,
-        reply: dict[str, Any] | None,
-        error_type: str | None = None,
-        ttft_ms: float | None = None,
-        status: int = 200,
-    ) -> None:
+    async def finish(self, flight: Flight, usage: Usage, reply: dict[str, Any] | None) -> None:
         """A JSON answer: settle, then record."""
         await self.settle(flight, usage.total_tokens)
-        self.answered(
-            flight,
-            outcome=outcome,
-            usage=usage,
-            reply=reply,
-            error_type=error_type,
-            ttft_ms=ttft_ms,
-            status=status,
-        )
+        self.answered(flight, outcome=OUTCOME_OK, usage=usage, reply=reply)
+
+    def stream_ended(
+        self,
+        flight: Flight,
+        outcome: str,
+        error_type: str | None,
+        usage: Usage,
+        reply: dict[str, Any] | None,
+        first_token: float | None,
+    ) -> None:
+        """Record a stream, however it ended (before its end goes out; it settles after)."""
+        caller = flight.caller
+        ttft = (first_token - caller.started) * 1000 if first_token is not None else None
+        caller.log["outcome"] = outcome
+        self.answered(flight, outcome=outcome, usage=usage, reply=reply, error_type=error_type, ttft_ms=ttft)
 
     def answered(
         self,

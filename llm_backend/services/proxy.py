@@ -11,7 +11,7 @@ import anyio
 import orjson
 
 from llm_backend.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound
-from llm_backend.recording.records import OUTCOME_OK, Usage
+from llm_backend.recording.records import Usage
 from llm_backend.services.accounting import Accountant
 from llm_backend.services.flight import (
     Admission,
@@ -329,7 +329,7 @@ class ProxyService:
         usage = op.usage(data) or self.accounts.estimate(flight, op.answer_tokens(data))
         if flight.on_response is not None and isinstance(data, dict):
             flight.on_response(flight, data)
-        await self.accounts.finish(flight, outcome=OUTCOME_OK, usage=usage, reply=op.reply(data))
+        await self.accounts.finish(flight, usage, op.reply(data))
         headers = dict(flight.admission.headers) if flight.admission is not None else {}
         return JsonResult(response.content, 200, headers)
 

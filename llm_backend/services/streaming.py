@@ -97,11 +97,7 @@ async def relay_chunks(
             reply = {"role": "assistant", "content": "".join(texts.get(0, [])) or None}
             if tool_calls:
                 reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
-        flight.caller.log["outcome"] = outcome
-        accountant.answered(
-            flight, outcome=outcome, usage=final_usage, reply=reply, error_type=error_type, ttft_ms=ttft
-        )
+        accountant.stream_ended(flight, outcome, error_type, final_usage, reply, first_token)
         return final_usage, reply
 
     try:
@@ -283,11 +279,7 @@ async def relay_events(
         reply = response_reply(response) if response is not None and response.get("output") else None
         if reply is None or (reply.get("content") is None and not reply.get("tool_calls")):
             reply = {"role": "assistant", "content": _delta_text(deltas) or None}
-        ttft = (first_token - flight.caller.started) * 1000 if first_token is not None else None
-        flight.caller.log["outcome"] = outcome
-        accountant.answered(
-            flight, outcome=outcome, usage=usage, reply=reply, error_type=error_type, ttft_ms=ttft
-        )
+        accountant.stream_ended(flight, outcome, error_type, usage, reply, first_token)
         return usage, reply
 
     try:
