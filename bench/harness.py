@@ -18,9 +18,10 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import load, procs, report
-from bench.loadgen import request_body
+from bench.loadgen import STREAM_END, is_responses, request_body
 from bench.variants import VARIANTS, Variant, VariantContext
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -116,8 +117,10 @@ def start_upstream(args: argparse.Namespace, pin: bool) -> tuple[subprocess.Pope
 def sanity(url: str, headers: dict[str, str]) -> None:
     """One non-streaming and one streaming request must succeed before a target is measured."""
     base = {"Content-Type": "application/json", "Authorization": "Bearer bench", **headers}
+    responses = is_responses(url)
     for stream in (False, True):
-        req = urllib.request.Request(url, data=request_body(stream), headers=base, method="POST")
+        body = request_body(stream, urlsplit(url).path)
+        req = urllib.request.Request(url, data=body, headers=base, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 body = resp.read()
@@ -126,10 +129,10 @@ def sanity(url: str, headers: dict[str, str]) -> None:
             raise RuntimeError(
                 f"{'stream' if stream else 'chat'} request answered {exc.code}: {detail}"
             ) from None
-        if stream and b"data: [DONE]" not in body:
-            raise RuntimeError(f"stream did not end with data: [DONE]: {body[-300:]!r}")
-        if not stream and b'"choices"' not in body:
-            raise RuntimeError(f"completion without choices: {body[:300]!r}")
+        if stream and STREAM_END[responses] not in body:
+            raise RuntimeError(f"stream did not end with {STREAM_END[responses]!r}: {body[-300:]!r}")
+        if not stream and (b'"output"' if responses else b'"choices"') not in body:
+            raise RuntimeError(f"answer without choices/output: {body[:300]!r}")
 
 
 def measure_target(url: str, headers: dict[str, str], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -195,7 +198,7 @@ def run_variant(variant: Variant, args: argparse.Namespace, root: Path, upstream
         try:
             try:
                 procs.wait_ready(f"http://127.0.0.1:{port}/readyz", proc, args.ready_timeout)
-                url = f"http://127.0.0.1:{port}{CHAT_PATH}"
+                url = f"http://127.0.0.1:{port}{variant.path}"
                 sanity(url, ctx.headers)
             except RuntimeError as exc:
                 tail = gateway_log.read_text(errors="replace")[-1500:]

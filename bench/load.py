@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bench.loadgen import request_body
 from bench.procs import CLIENT_CPU, spawn
@@ -34,9 +35,10 @@ def lua_quote(text: str) -> str:
     return f"[{eq}[{text}]{eq}]"
 
 
-def wrk_script(path: Path, headers: dict[str, str]) -> Path:
-    """Write the wrk Lua script posting the non-streaming chat body with ``headers``."""
-    lines = ['wrk.method = "POST"', f"wrk.body = {lua_quote(request_body(stream=False).decode())}"]
+def wrk_script(path: Path, headers: dict[str, str], url: str = "/v1/chat/completions") -> Path:
+    """Write the wrk Lua script posting the non-streaming body for ``url`` with ``headers``."""
+    body = request_body(stream=False, path=urlsplit(url).path)
+    lines = ['wrk.method = "POST"', f"wrk.body = {lua_quote(body.decode())}"]
     all_headers = {"Content-Type": "application/json", "Authorization": "Bearer bench", **headers}
     lines += [f"wrk.headers[ {lua_quote(k)} ] = {lua_quote(v)}" for k, v in all_headers.items()]
     path.write_text("\n".join(lines) + "\n" + _LUA_DONE)
@@ -66,7 +68,7 @@ def run_wrk(
     url: str, concurrency: int, duration: float, headers: dict[str, str], script_dir: Path, pin: bool
 ) -> dict[str, object]:
     """One wrk run (one thread: it shares a core with the upstream); returns the normalized result."""
-    script = wrk_script(script_dir / "bench.lua", headers)
+    script = wrk_script(script_dir / "bench.lua", headers, url)
     secs = max(1, round(duration))
     args = [
         "wrk",

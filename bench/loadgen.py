@@ -19,10 +19,20 @@ from bench.upstream import run
 
 CHAT_BODY = {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}]}
 STREAM_BODY = {**CHAT_BODY, "stream": True, "stream_options": {"include_usage": True}}
+RESPONSES_BODY = {"model": "bench-model", "input": "hi"}
+RESPONSES_STREAM_BODY = {**RESPONSES_BODY, "stream": True}
+# The end of a complete stream: chat's [DONE], the Responses API's final event.
+STREAM_END = {False: b"data: [DONE]", True: b"event: response.completed"}
 
 
-def request_body(stream: bool) -> bytes:
-    """The JSON body the benchmark posts."""
+def is_responses(path: str) -> bool:
+    return path.split("?", 1)[0].endswith("/responses")
+
+
+def request_body(stream: bool, path: str = "/v1/chat/completions") -> bytes:
+    """The JSON body the benchmark posts to `path` (a chat completion, or a Responses API request)."""
+    if is_responses(path):
+        return json.dumps(RESPONSES_STREAM_BODY if stream else RESPONSES_BODY, separators=(",", ":")).encode()
     return json.dumps(STREAM_BODY if stream else CHAT_BODY, separators=(",", ":")).encode()
 
 
@@ -126,7 +136,15 @@ class Stats:
     events: list[int] = field(default_factory=list)
 
 
-async def worker(host: str, port: int, raw: bytes, stream: bool, deadline: float, stats: Stats) -> None:
+async def worker(
+    host: str,
+    port: int,
+    raw: bytes,
+    stream: bool,
+    deadline: float,
+    stats: Stats,
+    end: bytes = STREAM_END[False],
+) -> None:
     loop = asyncio.get_running_loop()
     proto: ClientProtocol | None = None
     while time.monotonic() < deadline:
@@ -151,7 +169,7 @@ async def worker(host: str, port: int, raw: bytes, stream: bool, deadline: float
         if stream:
             body = bytes(response.body)
             stats.events.append(body.count(b"data:"))
-            if b"data: [DONE]" not in body:
+            if end not in body:
                 stats.bad_streams += 1
     if proto is not None and proto.transport is not None:
         proto.transport.close()
@@ -164,7 +182,8 @@ async def measure(
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    body = request_body(stream)
+    body = request_body(stream, path)
+    end = STREAM_END[is_responses(path)]
     head = [
         f"POST {path} HTTP/1.1",
         f"Host: {host}:{port}",
@@ -176,12 +195,15 @@ async def measure(
     raw = ("\r\n".join([*head, *headers]) + "\r\n\r\n").encode() + body
     if warmup > 0:
         await asyncio.gather(
-            *(worker(host, port, raw, stream, time.monotonic() + warmup, Stats()) for _ in range(concurrency))
+            *(
+                worker(host, port, raw, stream, time.monotonic() + warmup, Stats(), end)
+                for _ in range(concurrency)
+            )
         )
     stats = Stats()
     start = time.monotonic()
     await asyncio.gather(
-        *(worker(host, port, raw, stream, start + duration, stats) for _ in range(concurrency))
+        *(worker(host, port, raw, stream, start + duration, stats, end) for _ in range(concurrency))
     )
     elapsed = time.monotonic() - start
     result: dict[str, object] = {

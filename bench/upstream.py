@@ -94,12 +94,86 @@ def sse_events(chunks: int, include_usage: bool) -> list[bytes]:
     return events
 
 
+RESPONSE_USAGE = {
+    "input_tokens": 9,
+    "input_tokens_details": {"cached_tokens": 0},
+    "output_tokens": 20,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 29,
+}
+
+
+def response_object(status: str = "completed", text: str = CONTENT) -> dict[str, object]:
+    """The fixed Responses API response object."""
+    done = status == "completed"
+    return {
+        "id": "resp_bench00000000000000000000000000000001",
+        "object": "response",
+        "created_at": 1732240000,
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "model": MODEL,
+        "output": [
+            {
+                "id": "msg_bench0000000000000000000000000001",
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+        if done
+        else [],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": RESPONSE_USAGE if done else None,
+        "metadata": {},
+    }
+
+
+def response_events(chunks: int) -> list[bytes]:
+    """The typed events of one Responses stream: created, text deltas, completed (no [DONE])."""
+    words = CONTENT.split(" ")
+    deltas = [("" if i == 0 else " ") + words[i % len(words)] for i in range(max(1, chunks - 1))]
+    events: list[dict[str, object]] = [
+        {"type": "response.created", "response": response_object("in_progress")}
+    ]
+    for d in deltas:
+        events.append(
+            {
+                "type": "response.output_text.delta",
+                "item_id": "msg_bench0000000000000000000000000001",
+                "output_index": 0,
+                "content_index": 0,
+                "delta": d,
+                "logprobs": [],
+            }
+        )
+    events.append({"type": "response.completed", "response": response_object(text="".join(deltas))})
+    out = []
+    for seq, e in enumerate(events):
+        e["sequence_number"] = seq
+        out.append(b"event: " + str(e["type"]).encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n")
+    return out
+
+
 def chunked(data: bytes) -> bytes:
     """One HTTP/1.1 chunk of transfer-encoding: chunked."""
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 COMPLETION = response_bytes("200 OK", completion_body())
+RESPONSE = response_bytes("200 OK", orjson.dumps(response_object()))
 NOT_FOUND = response_bytes(
     "404 Not Found", b'{"error":{"message":"not found","type":"invalid_request_error"}}'
 )
@@ -182,6 +256,12 @@ class UpstreamProtocol(asyncio.Protocol):
                         asyncio.get_running_loop().create_task(self.stream(include_usage))
                         return
                 self.transport.write(COMPLETION)
+            elif method == b"POST" and path.endswith(b"/responses"):
+                if b'"stream"' in body and orjson.loads(body).get("stream"):
+                    self.streaming = True
+                    asyncio.get_running_loop().create_task(self.stream(False, response_events(self.chunks)))
+                    return
+                self.transport.write(RESPONSE)
             elif path.endswith(b"/models"):
                 self.transport.write(MODELS)
             elif path in (b"/", b"/health", b"/healthz", b"/readyz"):
@@ -189,8 +269,9 @@ class UpstreamProtocol(asyncio.Protocol):
             else:
                 self.transport.write(NOT_FOUND)
 
-    async def stream(self, include_usage: bool) -> None:
-        events = sse_events(self.chunks, include_usage)
+    async def stream(self, include_usage: bool, events: list[bytes] | None = None) -> None:
+        if events is None:
+            events = sse_events(self.chunks, include_usage)
         try:
             for i, event in enumerate(events):
                 if self.transport is None:

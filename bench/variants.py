@@ -61,6 +61,7 @@ class Variant:
     # Returns a reason to skip the variant (e.g. a missing database URL), or None to run it.
     skip: Callable[[], str | None] | None = None
     description: str = ""
+    path: str = "/v1/chat/completions"  # the route measured (the body follows it)
 
 
 def postgres_url() -> str | None:
@@ -162,5 +163,12 @@ VARIANTS: list[Variant] = [
         setup=key_with_limits,
         baseline="recording-off",
         description="recording off, key checking on with RPM/TPM/parallel/daily limits (in-process limiter)",
+    ),
+    Variant(
+        "responses",
+        {"LLM_BACKEND_RECORDING": "false"},
+        baseline="recording-off",
+        description="recording off, the Responses API (POST /v1/responses, typed-event streams)",
+        path="/v1/responses",
     ),
 ]

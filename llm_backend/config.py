@@ -69,6 +69,9 @@ STRATEGIES = ("priority", "weighted", "least_busy", "lowest_latency")
 AUTH_METHODS = ("api_key", "entra_id")
 FAILOVER_CONDITIONS = ("connect", "timeout", "429", "5xx")
 DEFAULT_API_VERSION = "2024-10-21"
+# `api_version: v1` selects Azure's v1 API: {endpoint}/openai/v1/…, no api-version query, the deployment as
+# the body's `model` (any dated version keeps the deployment-style URLs).
+AZURE_V1 = "v1"
 
 
 class ConfigError(Exception):
@@ -101,7 +104,7 @@ class BackendConfig:
     name: str
     endpoint: str | None = None  # azure: https://<resource>.openai.azure.com
     deployment: str | None = None  # azure: the deployment name
-    api_version: str = DEFAULT_API_VERSION  # azure
+    api_version: str = DEFAULT_API_VERSION  # azure: a dated version, or "v1" for Azure's v1 API
     base_url: str | None = None  # openai: e.g. https://api.openai.com/v1
     model: str | None = None  # openai/mock: the upstream model name (defaults to the client's model)
     api_key: str | None = field(default=None, repr=False)
@@ -116,6 +119,12 @@ class BackendConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # mock only: delay between streamed tokens, in milliseconds
     delay_ms: float = 20.0
+    token_scope: str | None = None  # azure + entra_id: the token's scope (default: the API style's)
+
+    @property
+    def azure_v1(self) -> bool:
+        """An Azure backend reached through the v1 API (`api_version: v1`)."""
+        return self.provider == "azure" and self.api_version == AZURE_V1
 
     def __repr__(self) -> str:  # never print the key
         return (
@@ -493,6 +502,7 @@ _BACKEND_KEYS = {
     "max_parallel",
     "max_connections",
     "delay_ms",
+    "token_scope",
 }
 
 
@@ -738,6 +748,7 @@ def _parse_backend(
         max_parallel=max_parallel,
         max_connections=max_connections,
         delay_ms=delay_ms,
+        token_scope=str(raw["token_scope"]) if raw.get("token_scope") else None,
     )
 
 

@@ -14,6 +14,7 @@ from llm_backend.api.validation import BODY_STATE_KEY
 from llm_backend.config import BackendConfig, Settings
 from llm_backend.logthrottle import LogThrottle
 from llm_backend.metrics import OTHER, Metrics
+from llm_backend.services.operations import operation_of_path
 from llm_backend.services.proxy import Caller, ProxyService, RecordSink
 from llm_backend.upstream.base import Backend
 from llm_backend.upstream.mock import MockBackend
@@ -29,6 +30,10 @@ def make_backend(config: BackendConfig, settings: Settings, token_provider: Any 
         return MockBackend(config)
     if config.auth != "entra_id":
         token_provider = None
+    elif token_provider is not None and (config.azure_v1 or config.token_scope):
+        from llm_backend.upstream.identity import V1_SCOPE
+
+        token_provider = token_provider.scoped(config.token_scope or V1_SCOPE)
     return SdkBackend(
         config, http_client_kind=settings.upstream_http_client, azure_ad_token_provider=token_provider
     )
@@ -48,6 +53,7 @@ class Resources:
     authenticator: Any = None
     key_store: Any = None
     conversations: Any = None
+    responses: Any = None  # llm_backend.services.responses.ResponsesService
     limiter: Any = None
     metrics: Metrics = field(default_factory=Metrics)
     recorded_routes: frozenset[str] = frozenset()  # route templates of the model calls (POST /v1/…)
@@ -99,20 +105,9 @@ class Resources:
         body = state.get(BODY_STATE_KEY, (None, None))[0]
         error = caller.log.get("error") if status >= 400 else None
         self.proxy.record_rejection(
-            caller, _operation_of(route), status, error, body if isinstance(body, dict) else None
+            caller, operation_of_path(route), status, error, body if isinstance(body, dict) else None
         )
         return False
-
-
-def _operation_of(path: str) -> str:
-    for suffix, name in (
-        ("/chat/completions", "chat"),
-        ("/completions", "completions"),
-        ("/embeddings", "embeddings"),
-    ):
-        if path.endswith(suffix):
-            return name
-    return "other"
 
 
 async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) -> Resources:
@@ -154,6 +149,16 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
 
     await setup_access(settings, resources, stack)
     resources.conversations = ConversationService(resources.engine, resources.proxy)
+    from llm_backend.services.affinity import ResponseOwners
+    from llm_backend.services.dbguard import DatabaseGuard
+    from llm_backend.services.responses import ResponsesService
+
+    owners_guard = DatabaseGuard(settings.db_statement_timeout_s)
+    stack.callback(owners_guard.close)
+    owners = ResponseOwners(resources.engine, guard=owners_guard)
+    await owners.start()
+    stack.push_async_callback(owners.stop)
+    resources.responses = ResponsesService(resources.proxy, owners)
     return resources
 
 

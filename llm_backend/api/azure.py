@@ -5,6 +5,17 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from llm_backend.api.common import body_and_raw, caller, json_response, resources, to_response
+
+# The Responses API at Azure's deployment-style path (/openai/responses?api-version=…, AzureOpenAI clients):
+# the body names the deployment as `model`, as on the other routes.
+from llm_backend.api.responses import (  # noqa: F401
+    cancel_response,
+    count_input_tokens,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 from llm_backend.upstream.base import CHAT, COMPLETIONS, EMBEDDINGS
 
 

@@ -163,6 +163,21 @@ class ApiKey(Base):
     __table_args__ = (sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),)
 
 
+class ResponseOwner(Base):
+    """Which backend created a stored Responses API response: follow-ups and reads must go there."""
+
+    __tablename__ = "response_owners"
+
+    response_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(255))
+    backend: Mapped[str] = mapped_column(sa.String(255))
+    key_id: Mapped[str | None] = mapped_column(sa.String(64))
+    conversation_id: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (sa.Index("ix_response_owners_created_at", "created_at"),)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Every text set on a model is made storable (U+0000 → U+FFFD, see llm_backend.db.storable): PostgreSQL
 # refuses NUL in text and JSONB, so a NUL in a key's name, a title, a system prompt or a message would
@@ -181,4 +196,4 @@ def _listen_to_texts(*models: type[Base]) -> None:
                 sa.event.listen(getattr(model, attr.key), "set", _storable_on_set, retval=True)
 
 
-_listen_to_texts(RequestLog, Conversation, Message, ApiKey)
+_listen_to_texts(RequestLog, Conversation, Message, ApiKey, ResponseOwner)

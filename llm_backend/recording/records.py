@@ -59,6 +59,8 @@ class RequestRecord:
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
     external_conversation_id: str | None = None  # the client's own chat id (e.g. X-OpenWebUI-Chat-Id)
     client_request_id: str | None = None  # the client's own id for the request (sanitized), if it sent one
+    # request_messages are new turns of conversation_id, to append as they are (a Responses API chain)
+    continues: bool = False
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None

@@ -144,8 +144,11 @@ def _continue(
     append_kwargs: dict[str, Any],
     *,
     by_client: bool = False,
+    continues: bool = False,
 ) -> None:
     """Add one exchange to a conversation named by id (ours or the client's chat id).
+
+    With `continues` (a Responses API chain) the messages are the new turns and are appended as they are.
 
     The messages past the stored ones are appended when the stored transcript is a prefix of the request;
     nothing but the usage when the stored transcript already holds the whole exchange (a later turn of
@@ -160,6 +163,8 @@ def _continue(
         new = exchange
         conv.title = conv.title or title_from_messages(messages)
         conv.system_prompt = conv.system_prompt or system_prompt_of(messages)
+    elif continues:
+        new = exchange
     elif len(exchange) <= count and transcript_hash(
         [m.to_dict() for m in stored[: len(exchange)]]
     ) == transcript_hash(exchange, normalized=True):
@@ -266,7 +271,7 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
             repo.append_messages(conv, [*messages, reply], **append_kwargs)
             return conv.id
         if conv.owner is None or conv.owner == owner:
-            _continue(repo, conv, messages, reply, append_kwargs)
+            _continue(repo, conv, messages, reply, append_kwargs, continues=record.continues)
             return conv.id
         logger.warning(
             "request %s names conversation %s of another owner; threading it on its own",

@@ -24,15 +24,14 @@ from llm_backend.limits import (
     LimitExceeded,
     Reservation,
     SeedNeeded,
-    estimate_tokens,
     make_limiter,
     month_start,
 )
 from llm_backend.logthrottle import LogThrottle
 from llm_backend.services.dbguard import DatabaseGuard
 from llm_backend.services.keys import KEY_PREFIX, KeyInfo, KeyStore
+from llm_backend.services.operations import CHAT_OP, Operation
 from llm_backend.services.proxy import Caller
-from llm_backend.upstream.base import CHAT, EMBEDDINGS
 from llm_backend.upstream.router import ModelRoute
 
 logger = logging.getLogger(__name__)
@@ -257,14 +256,13 @@ class Gate:
         self._seeding: dict[tuple[str, int, int], asyncio.Task[bool]] = {}
 
     async def __call__(
-        self, caller: Caller, route: ModelRoute, body: dict[str, Any], operation: str = CHAT
+        self, caller: Caller, route: ModelRoute, body: dict[str, Any], operation: Operation = CHAT_OP
     ) -> _Admission | None:
         limits = caller.limits
         if caller.key_id is None or limits is None or _no_limits(limits):
             return None
-        # embeddings produce no completion tokens: reserve only their input
-        completion = 0 if operation == EMBEDDINGS else self.default_max_tokens
-        reserve = estimate_tokens(body, default_completion_tokens=completion)
+        # the operation's own estimate (embeddings, for one, reserve only their input)
+        reserve = operation.reserve(body, self.default_max_tokens)
         try:
             reservation = await self._acquire(caller.key_id, limits, reserve)
         except LimitExceeded as exc:

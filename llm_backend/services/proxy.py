@@ -1,28 +1,32 @@
-"""Forwarding: pick a backend for the model, send the request, pass answers and streams back, record them."""
+"""Forwarding: pick a backend for the model, send the request, hand answers and streams back."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import orjson
 
-from llm_backend.errors import GatewayError, InvalidRequest, ModelNotFound
-from llm_backend.recording.records import (
-    OUTCOME_CLIENT_DISCONNECTED,
-    OUTCOME_ERROR,
-    OUTCOME_INTERRUPTED,
-    OUTCOME_OK,
-    RequestRecord,
-    Usage,
+from llm_backend.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound
+from llm_backend.recording.records import Usage
+from llm_backend.services.accounting import Accountant
+from llm_backend.services.flight import (
+    Admission,
+    Admit,
+    Caller,
+    Flight,
+    JsonResult,
+    NullSink,
+    OnReply,
+    RecordSink,
+    StreamResult,
 )
-from llm_backend.tokens import count_tokens, estimate_prompt_tokens
-from llm_backend.upstream.base import CHAT, EMBEDDINGS, Backend, UpstreamStream
+from llm_backend.services.operations import CHAT_CHUNKS, CHAT_OP, EVENTS, OPERATIONS, Operation, chat_usage
+from llm_backend.services.streaming import DONE_FRAME, relay_chunks, relay_events
+from llm_backend.upstream.base import Backend
 from llm_backend.upstream.errors import (
     NoBackendAvailable,
     UpstreamBadResponse,
@@ -33,125 +37,24 @@ from llm_backend.upstream.router import BackendState, ModelRoute, Router
 
 logger = logging.getLogger(__name__)
 
-OPERATION_NAMES = {CHAT: "chat", "completions": "completions", EMBEDDINGS: "embeddings"}
-DONE_FRAME = b"data: [DONE]\n\n"
-#: How often a running stream's provisional record is journaled again with the tokens relayed so far.
-PROGRESS_INTERVAL = 1.0
-
-
-class RecordSink(Protocol):
-    """Where records go. A sink may also have `started(record)`: a provisional record, journaled when the
-    upstream is asked, for the request to be recorded even if the process dies before it ends."""
-
-    def submit(self, record: RequestRecord) -> None: ...
-
-
-class NullSink:
-    """Recording switched off."""
-
-    def submit(self, record: RequestRecord) -> None:
-        return None
-
-
-class Admission(Protocol):
-    """What access control hands back for an admitted request; settled once with the real usage."""
-
-    headers: dict[str, str]
-
-    async def settle(self, total_tokens: int) -> None: ...
-
-
-Admit = Callable[["Caller", ModelRoute, dict[str, Any], str], Any]  # (caller, route, body, operation)
-OnReply = Callable[[dict[str, Any] | None, Usage, str], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class Caller:
-    """Who is asking and how, as the API layer saw it. `log` collects fields for the access log line."""
-
-    request_id: str
-    route: str
-    client_ip: str | None = None
-    key_id: str | None = None
-    allowed_models: frozenset[str] | None = None  # None: every model
-    key_name: str | None = None
-    is_admin: bool = False
-    limits: Any = None  # llm_backend.limits.KeyLimits of the key, when it has any
-    conversation_id: str | None = None
-    external_conversation_id: str | None = None  # the client's chat id (CONVERSATION_ID_HEADERS), per key
-    client_request_id: str | None = None  # the id the client sent for the request (ours is request_id)
-    started: float = field(default_factory=time.perf_counter)
-    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    log: dict[str, Any] = field(default_factory=dict)
-    recorded: bool = False
-    record_messages: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class JsonResult:
-    content: bytes
-    status_code: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class StreamResult:
-    frames: AsyncIterator[bytes]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def _completion_tokens(data: Any) -> int:
-    """Estimated completion tokens of a JSON answer without `usage`: its choices' text and tool calls."""
-    if not isinstance(data, dict):
-        return 0
-    total = 0
-    for choice in data.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        message = choice.get("message")
-        if isinstance(message, dict):
-            content = message.get("content")
-            if isinstance(content, str):
-                total += count_tokens(content)
-            elif isinstance(content, list):
-                total += sum(
-                    count_tokens(p["text"])
-                    for p in content
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
-            for call in message.get("tool_calls") or ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict):
-                    total += count_tokens(str(fn.get("name") or "")) + count_tokens(
-                        str(fn.get("arguments") or "")
-                    )
-        elif isinstance(choice.get("text"), str):
-            total += count_tokens(choice["text"])
-    return total
+__all__ = [
+    "DONE_FRAME",
+    "Admission",
+    "Admit",
+    "Caller",
+    "JsonResult",
+    "NullSink",
+    "OnReply",
+    "ProxyService",
+    "RecordSink",
+    "StreamResult",
+    "usage_from",
+]
 
 
 def usage_from(data: Any, *, estimated: bool = False) -> Usage | None:
-    """The upstream's `usage` object as Usage; None when it is missing or not numbers (then we estimate)."""
-    if not isinstance(data, dict):
-        return None
-    try:
-        prompt = int(data.get("prompt_tokens") or 0)
-        completion = int(data.get("completion_tokens") or 0)
-        total = int(data.get("total_tokens") or (prompt + completion))
-        pd = data.get("prompt_tokens_details") or {}
-        cd = data.get("completion_tokens_details") or {}
-        cached = pd.get("cached_tokens") if isinstance(pd, dict) else None
-        reasoning = cd.get("reasoning_tokens") if isinstance(cd, dict) else None
-        return Usage(
-            prompt,
-            completion,
-            total,
-            int(cached) if cached is not None else None,
-            int(reasoning) if reasoning is not None else None,
-            estimated,
-        )
-    except (TypeError, ValueError):
-        return None
+    """The upstream's chat `usage` object as Usage; None when it is missing or not numbers."""
+    return chat_usage(data, estimated=estimated)
 
 
 class ProxyService:
@@ -165,10 +68,9 @@ class ProxyService:
         record_content: bool = True,
     ) -> None:
         self.router = router
-        self.recorder: RecordSink = recorder or NullSink()
+        self.accounts = Accountant(recorder, record_content=record_content)
+        self.recorder: RecordSink = self.accounts.recorder
         self.record_content = record_content
-        # provisional records (journaled when the upstream is asked), if the sink keeps them
-        self._started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
 
     # -- model resolution -------------------------------------------------------------------------------
 
@@ -200,7 +102,7 @@ class ProxyService:
 
     async def forward(
         self,
-        operation: str,
+        operation: str | Operation,
         body: dict[str, Any],
         caller: Caller,
         *,
@@ -210,79 +112,96 @@ class ProxyService:
         admit: Admit | None = None,
         record_messages: bool = True,
         on_reply: OnReply | None = None,
+        prepare: Callable[[Flight], Any] | None = None,
     ) -> JsonResult | StreamResult:
         """Forward one request. `model` overrides the body's (the Azure-style routes name a deployment).
 
         `record_messages=False` keeps the content out of the record (the sessions API stores it itself);
-        `on_reply(reply, usage, outcome)` is called when a stream ends, with the assembled reply.
+        `on_reply(reply, usage, outcome)` is called when a stream ends, with the assembled reply;
+        `prepare(flight)` may pin the request to a backend once the model is resolved (Responses API).
         """
+        op = operation if isinstance(operation, Operation) else OPERATIONS[operation]
         caller.record_messages = record_messages
         requested = model if model is not None else body.get("model")
         if requested is not None and not isinstance(requested, str):
             raise InvalidRequest("`model` must be a string", param="model")
         caller.log["model"] = requested
-        stream = bool(body.get("stream")) and operation != EMBEDDINGS
+        stream = op.stream is not None and bool(body.get("stream"))
         caller.log["stream"] = stream
+        flight = Flight(op, caller, body, requested, stream, on_reply=on_reply)
+        flight.conversation_id = caller.conversation_id
         try:
-            route = self.resolve(caller, requested)
-            admission = await admit(caller, route, body, operation) if admit is not None else None
+            flight.route = route = self.resolve(caller, requested)
+            if prepare is not None:
+                await prepare(flight)
+            if admit is not None:
+                flight.admission = await admit(caller, route, body, op)
         except GatewayError as exc:
-            self._record_failure(
-                operation, body, caller, requested, stream, exc.status_code, exc.code or exc.error_type
-            )
+            flight.route = None  # refused before forwarding: the record names no model
+            self.accounts.failed(flight, exc.status_code, exc.code or exc.error_type, exc)
             raise
         try:
             if stream:
-                return await self._forward_stream(
-                    operation, body, caller, route, requested, azure_style, admission, on_reply
-                )
-            return await self._forward_json(
-                operation, body, raw, caller, route, requested, azure_style, admission
-            )
+                return await self._forward_stream(flight, raw, azure_style)
+            return await self._forward_json(flight, raw)
         except BaseException:
             # settling is idempotent: this only matters when something unexpected cut the request short
             with anyio.CancelScope(shield=True):
-                await self._settle(admission, 0)
+                await self.accounts.settle(flight, 0)
             raise
 
-    def _encode(
-        self,
-        body: dict[str, Any],
-        raw: bytes | None,
-        backend: Backend,
-        route: ModelRoute,
-        requested: str | None,
-    ) -> bytes:
-        if backend.rewrites_model():
-            return orjson.dumps({**body, "model": backend.config.model})
-        if backend.provider != "azure" and body.get("model") != requested:
+    def _encode(self, flight: Flight, body: dict[str, Any], raw: bytes | None, backend: Backend) -> bytes:
+        rename = backend.body_model(flight.op.key)
+        if rename is not None and body.get("model") != rename:
+            return orjson.dumps({**body, "model": rename})
+        requested = flight.requested
+        if rename is None and backend.provider != "azure" and body.get("model") != requested:
             # Azure-style inbound route (deployment in the path) to an OpenAI-style upstream: name the model
+            assert flight.route is not None
             return orjson.dumps(
-                {**body, "model": requested if not route.config.wildcard else body.get("model")}
+                {**body, "model": requested if not flight.route.config.wildcard else body.get("model")}
             )
         if raw is not None:
             return raw
         return orjson.dumps(body)
 
-    async def _attempts(
-        self,
-        operation: str,
-        route: ModelRoute,
-        caller: Caller,
-        send: Callable[[Backend], Any],
-        *,
-        hold: bool = False,
-    ) -> tuple[Any, BackendState, int]:
+    def _plan(self, flight: Flight) -> list[BackendState]:
+        route = flight.route
+        assert route is not None
+        state = flight.state
+        if state is None:
+            return self.router.plan(route)
+        # pinned to the backend that holds a stored response: that one or none, never another
+        now = time.monotonic()
+        if not state.available(now):
+            raise self._owner_unavailable(flight, max(1.0, state.recovers_at(now) - now))
+        return [state]
+
+    def _owner_unavailable(self, flight: Flight, retry_after: float) -> NoBackendAvailable:
+        assert flight.state is not None
+        exc = NoBackendAvailable(
+            f"The backend that holds response '{flight.pinned}' is unavailable; this request can only be "
+            "served there. Try again shortly.",
+            backend=flight.state.name,
+        )
+        exc.retry_after = retry_after
+        return exc
+
+    async def _attempts(self, flight: Flight, send: Callable[[Backend], Any], *, hold: bool = False) -> Any:
         """Try the route's backends in order, failing over on the errors the model allows.
 
         With `hold`, the winning backend's slot stays taken (a stream releases it when it ends).
         """
+        route = flight.route
+        caller = flight.caller
+        assert route is not None
         try:
-            plan = self.router.plan(route)  # raises NoBackendAvailable when every backend is out
+            plan = self._plan(flight)  # raises NoBackendAvailable when every backend is out
         except NoBackendAvailable as exc:
             exc.attempts = 0  # type: ignore[attr-defined]
             raise
-        budget = 1 + route.config.retries
+        budget = 1 + route.config.retries if flight.pinned is None else 1
+        journal = self.accounts.started
         last: UpstreamError | None = None
         attempts = 0
         for state in plan:
@@ -292,6 +211,8 @@ class ProxyService:
                 continue  # filled up (max_parallel) or a probe is already out
             attempts += 1
             started = time.perf_counter()
+            if journal is not None:  # what to record should this process die before the request ends
+                self.accounts.journal_start(flight, state.backend)
             try:
                 result = await send(state.backend)
             except UpstreamError as exc:
@@ -314,7 +235,9 @@ class ProxyService:
                 raise
             self.router.succeeded(state, (time.perf_counter() - started) * 1000, release=not hold)
             caller.log["attempts"] = attempts
-            return result, state, attempts
+            flight.state = state
+            flight.attempts = attempts
+            return result
         if last is None:
             busy = NoBackendAvailable(
                 f"Every backend of model '{route.name}' is busy or unavailable; try again shortly."
@@ -322,513 +245,149 @@ class ProxyService:
             busy.retry_after = 1.0
             busy.attempts = 0  # type: ignore[attr-defined]
             raise busy
+        if flight.pinned is not None and last.retryable and not isinstance(last, UpstreamRateLimited):
+            now = time.monotonic()
+            assert flight.state is not None
+            last = self._owner_unavailable(flight, max(1.0, flight.state.recovers_at(now) - now))
         last.attempts = attempts  # type: ignore[attr-defined]
-        if isinstance(last, UpstreamRateLimited):
+        if isinstance(last, UpstreamRateLimited) and flight.pinned is None:
             # every backend tried is cooling down now: tell the client when the first one is back
             soonest = self.router.earliest_recovery(route)
             if soonest is not None:
                 last.retry_after = soonest
         raise last
 
-    async def _forward_json(
-        self,
-        operation: str,
-        body: dict[str, Any],
-        raw: bytes | None,
-        caller: Caller,
-        route: ModelRoute,
-        requested: str | None,
-        azure_style: bool,
-        admission: Any,
-    ) -> JsonResult:
-        prompt = estimate_prompt_tokens(body) if self._started is not None else 0
+    async def _forward_json(self, flight: Flight, raw: bytes | None) -> JsonResult:
+        op = flight.op
+        body = flight.body
+        model = flight.route.name if flight.route is not None else ""
 
         def send(backend: Backend) -> Any:
-            self._journal_start(
-                operation,
-                body,
-                caller,
-                requested,
-                route,
-                backend,
-                False,
-                Usage(prompt, 0, prompt, estimated=True),
-            )
-            return backend.post(
-                operation, self._encode(body, raw, backend, route, requested), model=route.name
-            )
+            return backend.post(op.key, self._encode(flight, body, raw, backend), model=model)
+
+        return await self._answer(flight, send)
+
+    async def call_stored(
+        self,
+        op: Operation,
+        caller: Caller,
+        *,
+        model: str,
+        backend: str,
+        response_id: str,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        admit: Admit | None = None,
+    ) -> JsonResult:
+        """A call on a stored response (`path`, e.g. responses/{id}/cancel), only at the backend holding it."""
+        flight = Flight(op, caller, {}, model, False, pinned=response_id)
+        flight.conversation_id = caller.conversation_id
+        caller.log["model"] = model
+        try:
+            route = self.router.resolve(model)
+            state = self.router.states.get(f"{route.name}/{backend}") if route is not None else None
+            if route is None or state is None or not self.may_use(caller, route):
+                raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+            flight.route, flight.state = route, state
+            if admit is not None:
+                flight.admission = await admit(caller, route, flight.body, op)
+        except GatewayError as exc:
+            flight.route = None
+            self.accounts.failed(flight, exc.status_code, exc.code or exc.error_type, exc)
+            raise
+
+        def send(target: Backend) -> Any:
+            return target.send(method, path, query=query)
 
         try:
-            response, state, attempts = await self._attempts(operation, route, caller, send)
+            return await self._answer(flight, send)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.accounts.settle(flight, 0)
+            raise
+
+    async def _answer(self, flight: Flight, send: Callable[[Backend], Any]) -> JsonResult:
+        """Send a non-streamed request (failing over as the model allows); settle and record its answer."""
+        op = flight.op
+        try:
+            response = await self._attempts(flight, send)
             try:
                 data = orjson.loads(response.content)
             except orjson.JSONDecodeError:
+                state = flight.state
+                assert state is not None
                 bad = UpstreamBadResponse(
                     f"the upstream backend {state.name!r} answered with invalid JSON", backend=state.name
                 )
                 self.router.broke(state, bad)
                 raise bad from None
         except UpstreamError as exc:
-            await self._settle(admission, 0)
-            self._record_failure(
-                operation,
-                body,
-                caller,
-                requested,
-                False,
-                exc.status_code,
-                exc.code or exc.error_type,
-                route,
-                exc,
-            )
+            await self.accounts.fail(flight, exc.status_code, exc.code or exc.error_type, exc)
             raise
-        usage = usage_from(data.get("usage") if isinstance(data, dict) else None)
-        if usage is None:  # no usage in the answer: count the prompt and the reply, marked estimated
-            prompt = estimate_prompt_tokens(body)
-            completion = _completion_tokens(data) if operation != EMBEDDINGS else 0
-            usage = Usage(prompt, completion, prompt + completion, estimated=True)
-        await self._settle(admission, usage.total_tokens)
-        reply = None
-        if operation == CHAT and isinstance(data, dict):
-            choices = data.get("choices") or []
-            if choices and isinstance(choices[0], dict):
-                reply = choices[0].get("message")
-        self._record(
-            operation,
-            body,
-            caller,
-            requested,
-            route,
-            state,
-            attempts,
-            stream=False,
-            status=200,
-            outcome=OUTCOME_OK,
-            usage=usage,
-            reply=reply,
-        )
-        headers = dict(admission.headers) if admission is not None else {}
+        # no usage in the answer: count the prompt and the reply, marked estimated
+        usage = op.usage(data) or self.accounts.estimate(flight, op.answer_tokens(data))
+        if flight.on_response is not None and isinstance(data, dict):
+            flight.on_response(flight, data)
+        await self.accounts.finish(flight, usage, op.reply(data))
+        headers = dict(flight.admission.headers) if flight.admission is not None else {}
         return JsonResult(response.content, 200, headers)
 
-    async def _forward_stream(
-        self,
-        operation: str,
-        body: dict[str, Any],
-        caller: Caller,
-        route: ModelRoute,
-        requested: str | None,
-        azure_style: bool,
-        admission: Any,
-        on_reply: OnReply | None = None,
-    ) -> StreamResult:
-        options = body.get("stream_options")
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        upstream_body = (
-            body
-            if wants_usage
-            else {
-                **body,
-                "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True},
-            }
-        )
-
-        prompt = estimate_prompt_tokens(body) if self._started is not None else 0
+    async def _forward_stream(self, flight: Flight, raw: bytes | None, azure_style: bool) -> StreamResult:
+        op = flight.op
+        body = flight.body
+        events = op.stream == EVENTS
+        model = flight.route.name if flight.route is not None else ""
+        wants_usage = True
+        upstream_body = body
+        if not events:
+            raw = None
+            options = body.get("stream_options")
+            wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+            if not wants_usage:
+                upstream_body = {
+                    **body,
+                    "stream_options": {
+                        **(options if isinstance(options, dict) else {}),
+                        "include_usage": True,
+                    },
+                }
 
         def send(backend: Backend) -> Any:
-            self._journal_start(
-                operation,
-                body,
-                caller,
-                requested,
-                route,
-                backend,
-                True,
-                Usage(prompt, 0, prompt, estimated=True),
-            )
-            return backend.open_stream(
-                operation, self._encode(upstream_body, None, backend, route, requested), model=route.name
-            )
+            encoded = self._encode(flight, upstream_body, raw, backend)
+            if events:  # typed events: the reader keeps each event's lines as they were sent
+                return backend.open_stream(op.key, encoded, model=model, events=True)
+            return backend.open_stream(op.key, encoded, model=model)
 
         try:
-            upstream, state, attempts = await self._attempts(operation, route, caller, send, hold=True)
+            upstream = await self._attempts(flight, send, hold=True)
         except UpstreamError as exc:
-            await self._settle(admission, 0)
-            self._record_failure(
-                operation,
-                body,
-                caller,
-                requested,
-                True,
-                exc.status_code,
-                exc.code or exc.error_type,
-                route,
-                exc,
-            )
+            await self.accounts.fail(flight, exc.status_code, exc.code or exc.error_type, exc)
             raise
-        frames = self._relay(
-            operation,
-            body,
-            caller,
-            requested,
-            route,
-            state,
-            attempts,
-            upstream,
-            wants_usage,
-            azure_style,
-            admission,
-            on_reply,
-        )
+        if events:
+            frames = relay_events(flight, upstream, self.router, self.accounts)
+        else:
+            frames = relay_chunks(
+                flight,
+                upstream,
+                self.router,
+                self.accounts,
+                wants_usage=wants_usage,
+                azure_style=azure_style,
+                chat=op.stream == CHAT_CHUNKS,
+            )
         # run the relay up to its first (empty) yield: from here on, closing it always runs its cleanup
         await frames.__anext__()
-        headers = dict(admission.headers) if admission is not None else {}
+        headers = dict(flight.admission.headers) if flight.admission is not None else {}
         return StreamResult(frames, headers)
-
-    async def _relay(
-        self,
-        operation: str,
-        body: dict[str, Any],
-        caller: Caller,
-        requested: str | None,
-        route: ModelRoute,
-        state: BackendState,
-        attempts: int,
-        upstream: UpstreamStream,
-        wants_usage: bool,
-        azure_style: bool,
-        admission: Any,
-        on_reply: OnReply | None = None,
-    ) -> AsyncIterator[bytes]:
-        """Pass the upstream's events through as they arrive, keeping the shapes clients rely on.
-
-        The record is handed to the recorder (journaled) before the final `data: [DONE]` goes out; while
-        the stream runs, its provisional record is journaled again with the tokens relayed so far."""
-        chat = operation == CHAT
-        texts: dict[int, list[str]] = {}
-        tool_calls: dict[int, dict[str, Any]] = {}
-        usage: Usage | None = None
-        held: dict[str, Any] | None = None  # fields of an empty-choices chunk, folded into the next one
-        first_token: float | None = None
-        outcome: str = OUTCOME_CLIENT_DISCONNECTED
-        error_type: str | None = "client_disconnected"
-        final: tuple[Usage, dict[str, Any] | None] | None = None  # set once the record is submitted
-        journal = self._started is not None
-        next_progress = 0.0
-
-        def finish() -> tuple[Usage, dict[str, Any] | None]:
-            final_usage = usage or self._stream_estimate(body, texts, tool_calls)
-            reply: dict[str, Any] | None = None
-            if chat:
-                text = "".join(texts.get(0, []))
-                reply = {"role": "assistant", "content": text or None}
-                if tool_calls:
-                    reply["tool_calls"] = [tool_calls[i] for i in sorted(tool_calls)]
-            ttft = (first_token - caller.started) * 1000 if first_token is not None else None
-            caller.log["outcome"] = outcome
-            self._record(
-                operation,
-                body,
-                caller,
-                requested,
-                route,
-                state,
-                attempts,
-                stream=True,
-                status=200,
-                outcome=outcome,
-                usage=final_usage,
-                reply=reply,
-                error_type=error_type,
-                ttft_ms=ttft,
-            )
-            return final_usage, reply
-
-        try:
-            yield b""  # consumed by _forward_stream (see there)
-            async for payload in upstream:
-                try:
-                    chunk = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    raise UpstreamBadResponse(
-                        f"the upstream backend {state.name!r} sent a malformed stream event",
-                        backend=state.name,
-                    ) from None
-                if not isinstance(chunk, dict):
-                    continue
-                if "error" in chunk and "choices" not in chunk:
-                    # an error event from the upstream: pass it on, then end the stream
-                    err = chunk.get("error")
-                    error_type = (
-                        (err.get("code") or err.get("type")) if isinstance(err, dict) else "upstream_error"
-                    )
-                    outcome = OUTCOME_ERROR
-                    yield b"data: " + payload + b"\n\n"
-                    break
-                choices = chunk.get("choices")
-                if chunk.get("usage"):
-                    usage = usage_from(chunk["usage"])
-                if not choices:
-                    if chunk.get("usage"):
-                        if wants_usage:
-                            yield b"data: " + payload + b"\n\n"
-                        continue
-                    if azure_style:
-                        yield b"data: " + payload + b"\n\n"
-                    else:
-                        held = {**(held or {}), **{k: v for k, v in chunk.items() if k != "choices"}}
-                    continue
-                self._accumulate(chunk, choices, chat, texts, tool_calls)
-                if journal and (texts or tool_calls):
-                    now = time.perf_counter()
-                    if now >= next_progress:  # the first text, then once a PROGRESS_INTERVAL
-                        next_progress = now + PROGRESS_INTERVAL
-                        self._journal_start(
-                            operation,
-                            body,
-                            caller,
-                            requested,
-                            route,
-                            state.backend,
-                            True,
-                            self._stream_estimate(body, texts, tool_calls),
-                            status=200,
-                        )
-                if first_token is None:
-                    first_token = time.perf_counter()
-                if held is not None:
-                    chunk = {**held, **chunk}
-                    held = None
-                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                else:
-                    yield b"data: " + payload + b"\n\n"
-            else:
-                outcome, error_type = OUTCOME_OK, None
-            final = finish()
-            yield DONE_FRAME
-        except UpstreamError as exc:
-            outcome, error_type = OUTCOME_ERROR, exc.code or exc.error_type
-            self.router.broke(state, exc)
-            logger.warning(
-                "upstream stream from backend %s broke off: %s",
-                state.name,
-                exc.message,
-                extra={"request_id": caller.request_id},
-            )
-            yield b"data: " + orjson.dumps(exc.error_body()) + b"\n\n"
-            if final is None:
-                final = finish()
-            yield DONE_FRAME
-        finally:
-            self.router.release(state)
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
-                if final is None:  # the client went away (or something cut the relay short)
-                    final = finish()
-                final_usage, reply = final
-                await self._settle(admission, final_usage.total_tokens)
-            if on_reply is not None:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await on_reply(reply, final_usage, outcome)
-                    except Exception:
-                        logger.exception("storing the streamed reply failed")
-
-    @staticmethod
-    def _stream_estimate(
-        body: dict[str, Any], texts: dict[int, list[str]], tool_calls: dict[int, dict[str, Any]]
-    ) -> Usage:
-        """Usage of a stream without a usage chunk: the prompt and what was relayed, marked estimated."""
-        completion = sum(count_tokens("".join(parts)) for parts in texts.values())
-        completion += sum(
-            count_tokens(str(tc.get("function", {}).get("arguments", ""))) for tc in tool_calls.values()
-        )
-        prompt = estimate_prompt_tokens(body)
-        return Usage(prompt, completion, prompt + completion, estimated=True)
-
-    @staticmethod
-    def _accumulate(
-        chunk: dict[str, Any],
-        choices: list[Any],
-        chat: bool,
-        texts: dict[int, list[str]],
-        tool_calls: dict[int, dict[str, Any]],
-    ) -> None:
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            index = choice.get("index", 0)
-            if chat:
-                delta = choice.get("delta") or {}
-                content = delta.get("content")
-                if content:
-                    texts.setdefault(index, []).append(content)
-                if index == 0 and delta.get("tool_calls"):
-                    for tc in delta["tool_calls"]:
-                        slot = tool_calls.setdefault(
-                            tc.get("index", 0),
-                            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-                        )
-                        if tc.get("id"):
-                            slot["id"] = tc["id"]
-                        fn = tc.get("function") or {}
-                        if fn.get("name"):
-                            slot["function"]["name"] += fn["name"]
-                        if fn.get("arguments"):
-                            slot["function"]["arguments"] += fn["arguments"]
-            else:
-                text = choice.get("text")
-                if text:
-                    texts.setdefault(index, []).append(text)
-
-    async def _settle(self, admission: Any, tokens: int) -> None:
-        if admission is None:
-            return
-        try:
-            await admission.settle(tokens)
-        except Exception:  # the answer is already decided; a limiter hiccup must not change it
-            logger.exception("settling a rate-limit reservation failed")
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def _messages(self, operation: str, body: dict[str, Any], caller: Caller) -> list[dict[str, Any]] | None:
-        if not self.record_content or operation != CHAT:
-            return None
-        if not caller.record_messages:
-            return None
-        messages = body.get("messages")
-        return messages if isinstance(messages, list) else None
-
-    def _journal_start(
-        self,
-        operation: str,
-        body: dict[str, Any],
-        caller: Caller,
-        requested: str | None,
-        route: ModelRoute,
-        backend: Backend,
-        stream: bool,
-        usage: Usage,
-        *,
-        status: int = 502,
-    ) -> None:
-        """Journal what to record if this process dies before the request ends: outcome `interrupted`,
-        tokens estimated (the prompt; for a stream, what was relayed so far)."""
-        started = self._started
-        if started is None:
-            return
-        recorded = caller.recorded
-        base = self._base_record(
-            operation, body, caller, requested, stream, status, OUTCOME_INTERRUPTED, "worker_died"
-        )
-        caller.recorded = recorded  # a provisional record does not count as the request's record
-        try:
-            started(
-                RequestRecord(
-                    **base,
-                    model=route.name if not route.config.wildcard else requested,
-                    provider=backend.provider,
-                    backend=backend.name,
-                    deployment=backend.upstream_model(requested or route.name),
-                    usage=usage,
-                )
-            )
-        except Exception:  # recording must never break serving
-            logger.exception("journaling a started request failed")
-
-    def _record(
-        self,
-        operation: str,
-        body: dict[str, Any],
-        caller: Caller,
-        requested: str | None,
-        route: ModelRoute,
-        state: BackendState,
-        attempts: int,
-        *,
-        stream: bool,
-        status: int,
-        outcome: str,
-        usage: Usage,
-        reply: dict[str, Any] | None,
-        error_type: str | None = None,
-        ttft_ms: float | None = None,
-    ) -> None:
-        backend = state.backend
-        caller.log.update(backend=backend.name, attempts=attempts, tokens=usage.total_tokens)
-        self._submit(
-            self._base_record(operation, body, caller, requested, stream, status, outcome, error_type),
-            model=route.name if not route.config.wildcard else requested,
-            provider=backend.provider,
-            backend=backend.name,
-            deployment=backend.upstream_model(requested or route.name),
-            attempts=attempts,
-            usage=usage,
-            ttft_ms=ttft_ms,
-            request_messages=self._messages(operation, body, caller),
-            response_message=reply
-            if self.record_content and caller.record_messages and outcome != OUTCOME_ERROR
-            else None,
-        )
-
-    def _base_record(
-        self,
-        operation: str,
-        body: dict[str, Any],
-        caller: Caller,
-        requested: str | None,
-        stream: bool,
-        status: int,
-        outcome: str,
-        error_type: str | None,
-    ) -> dict[str, Any]:
-        """The fields every record has, whatever became of the request."""
-        caller.recorded = True
-        user = body.get("user")
-        return {
-            "request_id": caller.request_id,
-            "created_at": caller.created_at,
-            "route": caller.route,
-            "operation": OPERATION_NAMES.get(operation, operation),
-            "status_code": status,
-            "outcome": outcome,
-            "error_type": error_type,
-            "stream": stream,
-            "model_requested": requested,
-            "latency_ms": (time.perf_counter() - caller.started) * 1000,
-            "key_id": caller.key_id,
-            "user": user if isinstance(user, str) else None,
-            "client_ip": caller.client_ip,
-            "conversation_id": caller.conversation_id,
-            "external_conversation_id": caller.external_conversation_id,
-            "client_request_id": caller.client_request_id,
-        }
-
-    def _record_failure(
-        self,
-        operation: str,
-        body: dict[str, Any],
-        caller: Caller,
-        requested: str | None,
-        stream: bool,
-        status: int,
-        error_type: str | None,
-        route: ModelRoute | None = None,
-        exc: UpstreamError | None = None,
-    ) -> None:
-        backend_name = exc.backend if exc is not None else None
-        caller.log.update(backend=backend_name, error=error_type)
-        self._submit(
-            self._base_record(operation, body, caller, requested, stream, status, OUTCOME_ERROR, error_type),
-            model=route.name if route is not None and not route.config.wildcard else None,
-            backend=backend_name,
-            attempts=int(getattr(exc, "attempts", 1 if exc is not None else 0)),
-        )
-
-    def _submit(self, base: dict[str, Any], **fields: Any) -> None:
-        try:
-            self.recorder.submit(RequestRecord(**base, **fields))
-        except Exception:  # recording must never break serving
-            logger.exception("handing a record to the recorder failed")
+    def reject(self, caller: Caller, op: Operation, exc: GatewayError) -> None:
+        """Record a request of `op` refused before it reached a backend."""
+        flight = Flight(op, caller, {}, None, False)
+        flight.conversation_id = caller.conversation_id
+        self.accounts.failed(flight, exc.status_code, exc.code or exc.error_type, exc)
 
     def record_rejection(
         self, caller: Caller, operation: str, status: int, error_type: str | None, body: dict[str, Any] | None
@@ -836,12 +395,10 @@ class ProxyService:
         """Record a request refused before forwarding (validation, auth, limits)."""
         body = body or {}
         model = body.get("model")
-        self._record_failure(
-            operation,
-            body,
-            caller,
-            model if isinstance(model, str) else None,
-            bool(body.get("stream")),
-            status,
-            error_type,
-        )
+        op = _BY_NAME.get(operation, CHAT_OP)
+        flight = Flight(op, caller, body, model if isinstance(model, str) else None, bool(body.get("stream")))
+        flight.conversation_id = caller.conversation_id
+        self.accounts.failed(flight, status, error_type, operation=operation)
+
+
+_BY_NAME = {op.name: op for op in OPERATIONS.values()}

@@ -12,6 +12,11 @@ from llm_backend.config import BackendConfig
 CHAT = "chat/completions"
 COMPLETIONS = "completions"
 EMBEDDINGS = "embeddings"
+RESPONSES = "responses"
+RESPONSES_INPUT_TOKENS = "responses/input_tokens"
+# The operations Azure's deployment-style API serves under /openai/deployments/{deployment}/; every other
+# one (the Responses API) lives at /openai/<suffix>?api-version=… there, with the deployment as `model`.
+DEPLOYMENT_SCOPED = frozenset({CHAT, COMPLETIONS, EMBEDDINGS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +29,12 @@ class UpstreamResponse:
 
 
 class UpstreamStream(abc.ABC):
-    """An opened upstream stream whose status was 2xx: yields each SSE `data:` payload, `[DONE]` excluded."""
+    """An opened upstream stream whose status was 2xx: yields each SSE `data:` payload, `[DONE]` excluded.
+
+    A stream opened with `events=True` yields `(event block, data)` pairs instead: the event's bytes exactly
+    as the upstream sent them (its `event:` line included) and its data, and treats the end of the bytes as
+    the end of the stream (typed-event streams have no `[DONE]`; their last event says how they ended).
+    """
 
     headers: Mapping[str, str] = {}
 
@@ -52,13 +62,27 @@ class Backend(abc.ABC):
         """True when the body's `model` must be replaced by the upstream model name before sending."""
         return False
 
+    def body_model(self, operation: str) -> str | None:
+        """The `model` the upstream must find in the body of `operation`, when it is not the client's."""
+        return self.config.model if self.rewrites_model() else None
+
     @abc.abstractmethod
     async def post(self, operation: str, body: bytes, *, model: str) -> UpstreamResponse:
         """Send a non-streaming request; return the 2xx answer or raise an UpstreamError."""
 
     @abc.abstractmethod
-    async def open_stream(self, operation: str, body: bytes, *, model: str) -> UpstreamStream:
-        """Send a streaming request and return once the upstream answered 2xx; raise an UpstreamError else."""
+    async def open_stream(
+        self, operation: str, body: bytes, *, model: str, events: bool = False
+    ) -> UpstreamStream:
+        """Send a streaming request and return once the upstream answered 2xx; raise an UpstreamError else.
+
+        `events=True` (typed-event streams) makes the stream yield `(event block, data)` pairs."""
+
+    async def send(
+        self, method: str, path: str, body: bytes | None = None, *, query: Mapping[str, str] | None = None
+    ) -> UpstreamResponse:
+        """A call on a stored resource (`responses/{id}`…): the 2xx answer, or an UpstreamError."""
+        raise NotImplementedError(f"backend {self.name!r} does not serve stored resources")
 
     async def list_models(self) -> list[dict[str, object]] | None:
         """The upstream's model list if it can give one cheaply; None when unknown."""
@@ -72,10 +96,11 @@ class StreamEndedEarly(Exception):
     """The byte stream ended before the `data: [DONE]` event."""
 
 
-async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Split a byte stream into SSE events and yield each event's data (joined lines), stopping at [DONE].
+async def iter_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
+    """Split a byte stream into SSE events: yields `(block, data)` for every event that has data, the block
+    being the event's lines as sent (`event:`, `data:`, `id:`…, without the blank line that ends it).
 
-    Raises StreamEndedEarly when the bytes end without [DONE]: the answer was cut off.
+    The stream ends with the bytes; a `data: [DONE]` event is passed on like any other (the caller decides).
     """
     buffer = b""
     async for chunk in chunks:
@@ -90,20 +115,27 @@ async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
                 break
             block, buffer = buffer[:end], buffer[end + 2 :]
             data = _event_data(block)
-            if data is None:
-                continue
-            if data == b"[DONE]":
-                # read the body to its end, so the connection goes back to the pool instead of being closed
-                async for _ in chunks:
-                    pass
-                return
-            yield data
-    if buffer.strip():
-        data = _event_data(buffer.strip(b"\n"))
-        if data == b"[DONE]":
-            return
+            if data is not None:
+                yield block, data
+    rest = buffer.strip(b"\n")
+    if rest:
+        data = _event_data(rest)
         if data is not None:
-            yield data
+            yield rest, data
+
+
+async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split a byte stream into SSE events and yield each event's data (joined lines), stopping at [DONE].
+
+    Raises StreamEndedEarly when the bytes end without [DONE]: the answer was cut off.
+    """
+    async for _, data in iter_sse_events(chunks):
+        if data == b"[DONE]":
+            # read the body to its end, so the connection goes back to the pool instead of being closed
+            async for _ in chunks:
+                pass
+            return
+        yield data
     raise StreamEndedEarly()
 
 

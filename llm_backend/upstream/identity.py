@@ -12,6 +12,8 @@ from llm_backend.upstream.errors import UpstreamAuthFailed
 logger = logging.getLogger(__name__)
 
 SCOPE = "https://cognitiveservices.azure.com/.default"
+# Microsoft documents this scope for the v1 API (`OpenAI(base_url=…/openai/v1/, api_key=token_provider)`).
+V1_SCOPE = "https://ai.azure.com/.default"
 REFRESH_MARGIN = 300.0  # seconds before expiry a token is renewed
 
 
@@ -31,6 +33,15 @@ class TokenProvider:
         self._token: str | None = None
         self._expires_on = 0.0
         self._lock = asyncio.Lock()
+        self._scoped: dict[str, TokenProvider] = {scope: self}
+
+    def scoped(self, scope: str) -> TokenProvider:
+        """The provider of tokens for another scope, sharing this one's credential."""
+        provider = self._scoped.get(scope)
+        if provider is None:
+            provider = self._scoped[scope] = TokenProvider(self.credential, scope)
+            provider._scoped = self._scoped
+        return provider
 
     async def __call__(self) -> str:
         if self._token is not None and time.time() < self._expires_on - REFRESH_MARGIN:

@@ -13,10 +13,12 @@ import orjson
 
 from llm_backend.config import BackendConfig
 from llm_backend.upstream.base import (
+    DEPLOYMENT_SCOPED,
     Backend,
     StreamEndedEarly,
     UpstreamResponse,
     UpstreamStream,
+    iter_sse_events,
     iter_sse_payloads,
 )
 from llm_backend.upstream.errors import (
@@ -76,7 +78,22 @@ class SdkBackend(Backend):
             "http_client": self._http,
             "default_headers": dict(config.headers) or None,
         }
-        if config.provider == "azure":
+        # where each operation goes: scoped operations under `_scoped`, the others (Responses) under "/"
+        self._scoped = "/"
+        self._body_model: str | None = None  # the body's `model` for every operation
+        self._unscoped_model: str | None = None  # … for operations outside /deployments/{d}/
+        if config.provider == "azure" and config.azure_v1:
+            # Azure's v1 API: the plain OpenAI client on {endpoint}/openai/v1, the deployment as `model`
+            key: Any = config.api_key
+            if config.auth == "entra_id":
+                if azure_ad_token_provider is None:
+                    raise ValueError(f"backend {config.name}: entra_id auth needs a token provider")
+                key = azure_ad_token_provider
+            self.client: openai.AsyncOpenAI = openai.AsyncOpenAI(
+                base_url=f"{(config.endpoint or '').rstrip('/')}/openai/v1", api_key=key, **common
+            )
+            self._body_model = config.deployment
+        elif config.provider == "azure":
             azure_kw: dict[str, Any] = {}
             if config.auth == "entra_id":
                 if azure_ad_token_provider is None:
@@ -84,13 +101,14 @@ class SdkBackend(Backend):
                 azure_kw["azure_ad_token_provider"] = azure_ad_token_provider
             else:
                 azure_kw["api_key"] = config.api_key
-            self.client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
+            self.client = openai.AsyncAzureOpenAI(
                 azure_endpoint=config.endpoint or "",
                 api_version=config.api_version,
                 **azure_kw,
                 **common,
             )
-            self._prefix = f"/deployments/{config.deployment}/"
+            self._scoped = f"/deployments/{config.deployment}/"
+            self._unscoped_model = config.deployment
         else:
             self.client = openai.AsyncOpenAI(
                 base_url=config.base_url,
@@ -98,20 +116,39 @@ class SdkBackend(Backend):
                 organization=config.organization,
                 **common,
             )
-            self._prefix = "/"
+            self._body_model = config.model
         self._total_timeout = config.timeout.total
 
     def rewrites_model(self) -> bool:
-        return self.provider == "openai" and self.config.model is not None
+        return self._body_model is not None
+
+    def body_model(self, operation: str) -> str | None:
+        if self._body_model is not None:
+            return self._body_model
+        return None if operation in DEPLOYMENT_SCOPED else self._unscoped_model
+
+    def _path(self, operation: str) -> str:
+        return (self._scoped if operation in DEPLOYMENT_SCOPED else "/") + operation
 
     async def post(self, operation: str, body: bytes, *, model: str) -> UpstreamResponse:
+        return await self._call("post", self._path(operation), body, None)
+
+    async def send(
+        self, method: str, path: str, body: bytes | None = None, *, query: Mapping[str, str] | None = None
+    ) -> UpstreamResponse:
+        return await self._call(method.lower(), "/" + path, body, query)
+
+    async def _call(
+        self, method: str, path: str, body: bytes | None, query: Mapping[str, str] | None
+    ) -> UpstreamResponse:
+        options: dict[str, Any] = {"headers": _JSON_HEADERS}
+        if query:
+            options["params"] = dict(query)
+
         async def call() -> UpstreamResponse:
             async with asyncio.timeout(self._total_timeout):
-                response: httpx2.Response = await self.client.post(
-                    self._prefix + operation,
-                    cast_to=httpx2.Response,
-                    content=body,
-                    options={"headers": _JSON_HEADERS},
+                response: httpx2.Response = await getattr(self.client, method)(
+                    path, cast_to=httpx2.Response, options=options, **({"content": body} if body else {})
                 )
                 content = await response.aread()
             return UpstreamResponse(response.status_code, content, response.headers)
@@ -123,17 +160,19 @@ class SdkBackend(Backend):
                 f"the upstream did not answer within {self._total_timeout:g}s", backend=self.name
             ) from None
 
-    async def open_stream(self, operation: str, body: bytes, *, model: str) -> UpstreamStream:
+    async def open_stream(
+        self, operation: str, body: bytes, *, model: str, events: bool = False
+    ) -> UpstreamStream:
         response: httpx2.Response = await self._translated(
             self.client.post(
-                self._prefix + operation,
+                self._path(operation),
                 cast_to=httpx2.Response,
                 content=body,
                 options={"headers": _SSE_HEADERS},
                 stream=True,
             )
         )
-        return _SdkStream(self, response)
+        return _SdkStream(self, response, events=events)
 
     async def _translated(self, call: Awaitable[_T]) -> _T:
         """Await an SDK call, turning its failures into the domain's UpstreamErrors."""
@@ -264,15 +303,17 @@ def translate_status(status: int, headers: Mapping[str, str], content: bytes, ba
 
 
 class _SdkStream(UpstreamStream):
-    def __init__(self, backend: SdkBackend, response: httpx2.Response) -> None:
+    def __init__(self, backend: SdkBackend, response: httpx2.Response, *, events: bool = False) -> None:
         self._backend = backend
         self._response = response
+        self._events = events
         self.headers = response.headers
         # the whole stream, from the request on, must end within the backend's total timeout
         self._deadline = asyncio.get_running_loop().time() + backend.config.timeout.total
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
-        events = iter_sse_payloads(self._response.aiter_bytes()).__aiter__()
+    async def __aiter__(self) -> AsyncIterator[Any]:  # type: ignore[override]
+        reader = iter_sse_events if self._events else iter_sse_payloads
+        events: AsyncIterator[Any] = reader(self._response.aiter_bytes()).__aiter__()
         try:
             while True:
                 try:
