@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +101,16 @@ async def one_stream(host: str, port: int, res: Results, late: bool) -> None:
         writer.close()
 
 
-async def prober(host: str, port: int, res: Results, phase: list[str], stop: asyncio.Event) -> None:
+PHASES = ("ramp", "hold", "after")
+
+
+async def prober(
+    host: str, port: int, res: Results, phase: Callable[[], str], stopped: Callable[[], bool]
+) -> None:
     """Short (non-streaming) requests on one keep-alive connection, every 50 ms, timed one by one."""
     raw = _request(host, port, False)
     reader = writer = None
-    while not stop.is_set():
+    while not stopped():
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
@@ -117,7 +124,7 @@ async def prober(host: str, port: int, res: Results, phase: list[str], stop: asy
                 if line.lower().startswith(b"content-length")
             )
             await reader.readexactly(length)
-            res.short_ms[phase[0]].append((time.perf_counter() - started) * 1000)
+            res.short_ms[phase()].append((time.perf_counter() - started) * 1000)
             if not head.startswith(b"HTTP/1.1 200"):
                 res.error("short " + head.split(b"\r\n", 1)[0].decode(errors="replace"))
         except (OSError, asyncio.IncompleteReadError, StopIteration):
@@ -128,11 +135,20 @@ async def prober(host: str, port: int, res: Results, phase: list[str], stop: asy
         writer.close()
 
 
+def probe_process(host: str, port: int, phase: Any, stop: Any, out: Any) -> None:
+    """The prober in its own process and event loop, as a real client: in the loop that reads 10,000
+    streams it would time its own loop's lag, not the gateway's answer."""
+    res = Results()
+    run(prober(host, port, res, lambda: PHASES[phase.value], stop.is_set))
+    out.put((res.short_ms, res.errors))
+
+
 async def drive(host: str, port: int, streams: int, ramp: float, hold: float, after: float) -> Results:
     res = Results()
-    phase = ["ramp"]
-    stop = asyncio.Event()
-    probe = asyncio.create_task(prober(host, port, res, phase, stop))
+    ctx = multiprocessing.get_context("spawn")
+    phase, stop, out = ctx.Value("i", 0), ctx.Event(), ctx.Queue()
+    probe = ctx.Process(target=probe_process, args=(host, port, phase, stop, out), daemon=True)
+    probe.start()
     tasks = []
     started = time.monotonic()
     for i in range(streams):
@@ -141,14 +157,18 @@ async def drive(host: str, port: int, streams: int, ramp: float, hold: float, af
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one_stream(host, port, res, late=i >= streams * 0.9)))
     log(f"{streams} streams started in {time.monotonic() - started:.1f} s; holding")
-    phase[0] = "hold"
+    phase.value = PHASES.index("hold")
     await asyncio.sleep(hold)
     log(f"held: {res.open_now} open (peak {res.peak_open}); waiting for the streams to end")
     await asyncio.gather(*tasks)
-    phase[0] = "after"
+    phase.value = PHASES.index("after")
     await asyncio.sleep(after)
     stop.set()
-    await probe
+    short_ms, errors = await asyncio.to_thread(out.get, True, 30)
+    await asyncio.to_thread(probe.join, 10)
+    res.short_ms = short_ms
+    for kind, n in errors.items():
+        res.errors[kind] = res.errors.get(kind, 0) + n
     return res
 
 
