@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -41,6 +41,28 @@ async def _on_reply(flight: Flight, reply: dict[str, Any] | None, usage: Usage, 
             await flight.on_reply(reply, usage, outcome)
         except Exception:
             logger.exception("storing the streamed reply failed")
+
+
+async def _end(
+    flight: Flight,
+    upstream: UpstreamStream,
+    router: Router,
+    accountant: Accountant,
+    final: tuple[Usage, dict[str, Any] | None] | None,
+    finish: Callable[[], tuple[Usage, dict[str, Any] | None]],
+    outcome: str,
+) -> None:
+    """How every relay ends, whatever ended it: the backend's slot and connection go back, the record is
+    submitted if the relay was cut before it could be, the reservation is settled and the reply handed on."""
+    assert flight.state is not None
+    router.release(flight.state)
+    with anyio.CancelScope(shield=True):
+        await upstream.aclose()
+        if final is None:  # the client went away (or something cut the relay short)
+            final = finish()
+        usage, reply = final
+        await accountant.settle(flight, usage.total_tokens)
+    await _on_reply(flight, reply, usage, outcome)
 
 
 def _broke(router: Router, flight: Flight, exc: UpstreamError) -> None:
@@ -160,14 +182,7 @@ async def relay_chunks(
             final = finish()
         yield DONE_FRAME
     finally:
-        router.release(state)
-        with anyio.CancelScope(shield=True):
-            await upstream.aclose()
-            if final is None:  # the client went away (or something cut the relay short)
-                final = finish()
-            final_usage, reply = final
-            await accountant.settle(flight, final_usage.total_tokens)
-        await _on_reply(flight, reply, final_usage, outcome)
+        await _end(flight, upstream, router, accountant, final, finish, outcome)
 
 
 def _accumulate(
@@ -348,11 +363,4 @@ async def relay_events(
             final = finish()
         yield failed_event(exc, max(sequence, _sequence_of(deltas[-1:])) + 1)
     finally:
-        router.release(state)
-        with anyio.CancelScope(shield=True):
-            await upstream.aclose()
-            if final is None:  # the client went away (or something cut the relay short)
-                final = finish()
-            usage, reply = final
-            await accountant.settle(flight, usage.total_tokens)
-        await _on_reply(flight, reply, usage, outcome)
+        await _end(flight, upstream, router, accountant, final, finish, outcome)
