@@ -420,6 +420,17 @@ def _keys(args: argparse.Namespace, store: Any) -> int:
 _USAGE_TOTALS = ["requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "estimated"]
 
 
+class _Money(float):
+    """A cost as the usage table shows it: six decimals (a millionth of the currency), more only for a
+    cost smaller than that; right-aligned like the other numbers."""
+
+    def __str__(self) -> str:
+        shown = f"{self:.6f}"
+        if float(self) != 0 and shown.lstrip("-") == "0.000000":
+            shown = f"{self:.12f}".rstrip("0")
+        return shown
+
+
 def _key_id(engine: Any, id_or_name: str) -> str:
     """A key given by its id or by its name (which must then be unambiguous)."""
     from llm_backend.services.keys import KeyStore
@@ -451,12 +462,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
     for row in rows:
         if row.get("key_id") and "key_name" in row and row["key_name"] is None:
             row["key_name"] = "(deleted)"
+        if row.get("cost") is not None:
+            row["cost"] = _Money(row["cost"])
     columns: list[str] = []
     for g in groups:
         columns += ["key_id", "key_name"] if g == "key" else [g]
     _print_table(
         rows,
-        [*columns, *_USAGE_TOTALS],
+        [*columns, *_USAGE_TOTALS, "cost"],
         empty=f"no requests since {_cell(since)}",
     )
     return 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from decimal import Decimal
+from typing import Any
 
 from llm_backend.config import ModelConfig, Prices
 
 _MILLION = Decimal(1_000_000)
+_SEEN_MAX = 4096
 
 # What providers append to a model's name to say which snapshot answered: gpt-4o-2024-08-06,
 # gpt-35-turbo-0125, claude-3-5-sonnet-20241022, mistral-large-2411, some-model-v2, some-model@001,
@@ -67,6 +69,7 @@ class PriceBook:
     def __init__(self, models: Iterable[ModelConfig]) -> None:
         self._by_name: dict[str, ModelConfig] = {}
         self._by_lower: dict[str, ModelConfig] = {}
+        self._seen: dict[str, ModelConfig | None] = {}  # other names answered, and what they matched
         for m in models:
             if m.wildcard:
                 continue
@@ -80,7 +83,18 @@ class PriceBook:
         `gpt-4o-mini-2024-07-18` is `gpt-4o-mini`, not `gpt-4o`)."""
         if not answered:
             return None
-        found = self._by_name.get(answered) or self._by_lower.get(answered.lower())
+        found = self._by_name.get(answered)
+        if found is not None:
+            return found
+        if answered in self._seen:  # Azure answers every request by a snapshot name: match it once
+            return self._seen[answered]
+        found = self._match(answered)
+        if len(self._seen) < _SEEN_MAX:  # the names come from upstreams: bounded
+            self._seen[answered] = found
+        return found
+
+    def _match(self, answered: str) -> ModelConfig | None:
+        found = self._by_lower.get(answered.lower())
         if found is not None:
             return found
         lowered = answered.lower()
@@ -133,3 +147,43 @@ def _is_version_suffix(rest: str) -> bool:
             return False
         pos = m.end()
     return pos > 0
+
+
+def _per_token(price: float) -> str:
+    """A price per million tokens as the decimal string of its price per token (2.5 -> "0.0000025")."""
+    value = _decimal(price) / _MILLION
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def model_metadata(model: ModelConfig) -> dict[str, Any]:
+    """What /v1/models says of a model beyond OpenAI's four fields; only what is configured.
+
+    Our own names mirror the models file (`context_window`, `max_output_tokens`, `prices` per million
+    tokens). Beside them, the names clients already read from OpenAI-compatible model lists (OpenRouter's,
+    which LibreChat, Cline and many other tools take context sizes and prices from): `context_length`,
+    `top_provider.max_completion_tokens` and `pricing` in decimal strings per token (`prompt`, `completion`,
+    `input_cache_read`)."""
+    out: dict[str, Any] = {}
+    if model.context_window is not None:
+        out["context_window"] = model.context_window
+    if model.max_output_tokens is not None:
+        out["max_output_tokens"] = model.max_output_tokens
+    prices = model.prices
+    if prices is not None:
+        out["prices"] = {"input": prices.input, "cached_input": prices.cached_input, "output": prices.output}
+        out["pricing"] = {
+            "prompt": _per_token(prices.input),
+            "completion": _per_token(prices.output),
+            "input_cache_read": _per_token(prices.cached_input),
+        }
+    if model.context_window is not None:
+        out["context_length"] = model.context_window
+    if model.context_window is not None or model.max_output_tokens is not None:
+        top: dict[str, int] = {}
+        if model.context_window is not None:
+            top["context_length"] = model.context_window
+        if model.max_output_tokens is not None:
+            top["max_completion_tokens"] = model.max_output_tokens
+        out["top_provider"] = top
+    return out
