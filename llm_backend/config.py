@@ -503,6 +503,7 @@ _MODEL_KEYS = {
 }
 _META_KEYS = ("context_window", "max_output_tokens", "prices")
 _PRICE_KEYS = ("input", "cached_input", "output")
+_PRICE_MAX = 1_000_000  # per million tokens: one currency unit per token, far above any price sold
 _BREAKER_KEYS = {"failure_threshold", "cooldown", "failure_rate", "window", "min_requests"}
 _TIMEOUT_KEYS = {"connect", "first_byte", "total"}
 _BACKEND_KEYS = {
@@ -647,6 +648,11 @@ def _price(value: Any, where: str, p: _Problems) -> float | None:
         return None
     if number < 0:
         p.add(where, f"a price cannot be negative ({value!r}); use 0 for a free model")
+        return None
+    if number > _PRICE_MAX:
+        p.add(
+            where, f"{number:g} per million tokens is more than a unit per token; give the price per million"
+        )
         return None
     return float(number)
 

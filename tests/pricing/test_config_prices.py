@@ -79,6 +79,7 @@ def test_prices_from_the_environment_by_interpolation(tmp_path: Path) -> None:
         ("    prices: {input: '$2.50', output: 10}\n", "without a currency sign"),
         ("    prices: {input: .nan, output: 10}\n", "prices.input: expected a price per million tokens"),
         ("    prices: {input: .inf, output: 10}\n", "prices.input: expected a price per million tokens"),
+        ("    prices: {input: 2e6, output: 10}\n", "prices.input: 2e+06 per million tokens is more than a unit per token"),
         ("    prices: {input: true, output: 10}\n", "prices.input: expected a price per million tokens"),
         ("    prices: {input: [1], output: 10}\n", "prices.input: expected a price per million tokens"),
         ("    prices: {input: 2.5}\n", "prices: 'output' is missing"),
@@ -256,3 +257,18 @@ def test_prices_for_a_routed_model_config() -> None:
 def test_an_unset_variable_in_a_price_is_said_once(tmp_path: Path) -> None:
     (line,) = problems(tmp_path, "    prices: {input: '${PRICE_IN}', output: 1}\n")
     assert "prices.input: uses ${PRICE_IN} but PRICE_IN is not set" in line
+
+
+def test_the_cost_survives_the_journal_and_spill_file() -> None:
+    from datetime import UTC, datetime
+
+    from llm_backend.recording.records import RequestRecord
+    from llm_backend.recording.sink import record_from_json, record_to_json, record_to_row
+
+    record = RequestRecord("req_1", datetime.now(UTC), "/v1/chat/completions", "chat", 200, cost=0.0001632)
+    assert record_from_json(record_to_json(record)).cost == 0.0001632
+    assert record_to_row(record, None)["cost"] == 0.0001632
+    assert (
+        record_from_json(record_to_json(RequestRecord("req_2", datetime.now(UTC), "/", "chat", 200))).cost
+        is None
+    )

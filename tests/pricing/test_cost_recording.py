@@ -157,6 +157,16 @@ def test_chat_cost_is_that_of_the_model_that_answered(
         client.chat.completions.create(model="model-router", messages=MESSAGES, **rid("unknown"))
         # no prices anywhere: no cost
         client.chat.completions.create(model="unpriced", messages=MESSAGES, **rid("unpriced"))
+        # the Azure-style route (the deployment in the path, no model in the body) is priced the same way
+        azure.reply["/openai/v1/chat/completions"] = lambda body: jsonr(chat_answer("gpt-4o-2024-08-06"))
+        az = openai.AzureOpenAI(
+            azure_endpoint="http://testserver",
+            api_key="x",
+            api_version="2024-10-21",
+            http_client=c,
+            max_retries=0,
+        )
+        az.chat.completions.create(model="gpt-4o", messages=MESSAGES, **rid("azure-style"))
     router = row_by_id(db_url, "router")
     assert (router["prompt_tokens"], router["cached_tokens"], router["completion_tokens"]) == (
         1200,
@@ -169,6 +179,8 @@ def test_chat_cost_is_that_of_the_model_that_answered(
     # (1200 - 1024) * 1 + 1024 * 1 + 300 * 1 = 1500 per million
     assert row_by_id(db_url, "unknown")["cost"] == 0.0015
     assert row_by_id(db_url, "unpriced")["cost"] is None
+    azure_style = row_by_id(db_url, "azure-style")
+    assert azure_style["route"].startswith("/openai/deployments/") and azure_style["cost"] == GPT_4O_CHAT_COST
 
 
 @pytest.mark.parametrize("client_wants_usage", [True, False])
