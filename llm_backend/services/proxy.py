@@ -66,9 +66,11 @@ class ProxyService:
         recorder: RecordSink | None = None,
         *,
         record_content: bool = True,
+        tracer: Any = None,
     ) -> None:
         self.router = router
-        self.accounts = Accountant(recorder, record_content=record_content)
+        # `tracer` (llm_backend.tracing.otel.Tracer) is None unless tracing is on
+        self.accounts = Accountant(recorder, record_content=record_content, tracer=tracer)
         self.recorder: RecordSink = self.accounts.recorder
         self.record_content = record_content
 
@@ -202,6 +204,8 @@ class ProxyService:
             raise
         budget = 1 + route.config.retries if flight.pinned is None else 1
         journal = self.accounts.started
+        if self.accounts.tracer is not None:  # each attempt in a child span of the request's
+            send = self.accounts.tracer.traced(flight, send, hold=hold)
         last: UpstreamError | None = None
         attempts = 0
         for state in plan:
@@ -325,6 +329,8 @@ class ProxyService:
         except UpstreamError as exc:
             await self.accounts.fail(flight, exc.status_code, exc.code or exc.error_type, exc)
             raise
+        if flight.trace is not None:
+            flight.trace.saw(data)
         # no usage in the answer: count the prompt and the reply, marked estimated
         usage = op.usage(data) or self.accounts.estimate(flight, op.answer_tokens(data))
         if flight.on_response is not None and isinstance(data, dict):
