@@ -256,13 +256,23 @@ def bounded_json(items: list[Any], max_chars: int) -> str:
     the earliest items are dropped (the last ones, nearest the answer, are kept; order is kept)."""
     text = orjson.dumps(items).decode()
     limit = max_chars
+    cut = items
     while len(text) > max_chars and limit > 64:
         limit //= 2
-        text = orjson.dumps(_cut(items, limit)).decode()
-    cut = _cut(items, limit)
-    while len(text) > max_chars and len(cut) > 1:
-        cut = cut[1:]
+        cut = _cut(items, limit)
         text = orjson.dumps(cut).decode()
+    if len(text) <= max_chars:
+        return text
+    # keep the longest run of last items that fits (each costs its JSON and a comma)
+    room = max_chars - 2
+    start = len(cut)
+    while start > 0:
+        size = len(orjson.dumps(cut[start - 1])) + 1
+        if size > room:
+            break
+        room -= size
+        start -= 1
+    text = orjson.dumps(cut[start:]).decode()
     return text if len(text) <= max_chars else "[]"
 
 
@@ -540,7 +550,9 @@ class RequestSpan:
             attrs.update(self._content(flight, record, reply))
         if record.outcome == OUTCOME_ERROR:
             attrs["error.type"] = record.error_type or "_OTHER"
-            if record.status_code >= 500:  # a server span's error; 4xx are the client's (HTTP conventions)
+            # a 4xx answer is the client's (HTTP conventions); a 5xx, or a stream that broke off after its
+            # 200, is the server's
+            if not 400 <= record.status_code < 500:
                 span.set_status(Status(StatusCode.ERROR, record.error_type or None))
         elif record.outcome == OUTCOME_CLIENT_DISCONNECTED:
             span.add_event("llm_backend.client_disconnected")

@@ -213,6 +213,26 @@ def test_a_stream_the_client_cuts_ends_its_span_as_client_disconnected(
     assert attempt.attributes["llm_backend.outcome"] == "client_disconnected"
 
 
+def test_a_stream_the_upstream_cuts_ends_its_span_as_an_error(
+    exporter: InMemorySpanExporter, serve: Any, httpserver: HTTPServer
+) -> None:
+    chunks = azure_stream_chunks()
+    httpserver.expect_request(AZURE_CHAT_PATH, method="POST").respond_with_data(
+        sse_body(*chunks[:4], done=False), content_type="text/event-stream"
+    )
+    with serve([gpt4o(azure_backend(httpserver))]) as url:
+        body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200 and "upstream_bad_response" in r.text
+    span = only_server_span(exporter)
+    assert span.attributes["llm_backend.outcome"] == "error"
+    assert span.attributes["error.type"] == "upstream_bad_response"
+    assert span.status.status_code == StatusCode.ERROR  # answered 200, then failed: the server's error
+    (attempt,) = children(exporter, span)
+    assert attempt.attributes["error.type"] == "upstream_bad_response"
+    assert attempt.status.status_code == StatusCode.ERROR
+
+
 def test_embeddings_span(exporter: InMemorySpanExporter, serve: Any, httpserver: HTTPServer) -> None:
     httpserver.expect_request(AZURE_EMBEDDINGS_PATH, method="POST").respond_with_json(
         {
