@@ -19,6 +19,7 @@ from werkzeug import Request, Response
 from llm_backend.config import ModelConfig
 from tests.conftest import (
     AZURE_CHAT_PATH,
+    AZURE_COMPLETIONS_PATH,
     AZURE_EMBEDDINGS_PATH,
     azure_backend,
     azure_chat_completion,
@@ -231,6 +232,35 @@ def test_a_stream_the_upstream_cuts_ends_its_span_as_an_error(
     (attempt,) = children(exporter, span)
     assert attempt.attributes["error.type"] == "upstream_bad_response"
     assert attempt.status.status_code == StatusCode.ERROR
+
+
+def test_completions_span_through_the_azure_style_route(
+    exporter: InMemorySpanExporter, serve: Any, httpserver: HTTPServer
+) -> None:
+    httpserver.expect_request(AZURE_COMPLETIONS_PATH, method="POST").respond_with_json(
+        {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 1739000000,
+            "model": "gpt-35-turbo-instruct",
+            "choices": [{"text": " there", "index": 0, "finish_reason": "length", "logprobs": None}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+        }
+    )
+    with serve([gpt4o(azure_backend(httpserver))]) as url:
+        client = openai.AzureOpenAI(
+            azure_endpoint=url, api_key="x", api_version="2024-10-21", max_retries=0, timeout=30
+        )
+        client.completions.create(model="gpt-4o", prompt="Hello", max_tokens=1)
+    span = only_server_span(exporter)
+    a = span.attributes
+    assert span.name == "text_completion gpt-4o"
+    assert a["gen_ai.operation.name"] == "text_completion"
+    assert a["url.path"] == "/openai/deployments/gpt-4o/completions"
+    assert a["gen_ai.response.finish_reasons"] == ("length",)
+    assert a["gen_ai.response.id"] == "cmpl-1"
+    assert a["gen_ai.usage.output_tokens"] == 1
+    assert a["gen_ai.request.max_tokens"] == 1
 
 
 def test_embeddings_span(exporter: InMemorySpanExporter, serve: Any, httpserver: HTTPServer) -> None:
