@@ -62,6 +62,13 @@ ENV_VARS = (
     "BODY_TIMEOUT",
     "MAX_HEADER_BYTES",
     "MAX_CONNECTIONS",
+    # tracing (llm_backend/tracing): the OpenTelemetry SDK reads the other OTEL_* itself
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_SDK_DISABLED",
+    "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+    "LLM_BACKEND_OTEL_CONTENT_MAX_CHARS",
 )
 
 PROVIDERS = ("azure", "openai", "mock")

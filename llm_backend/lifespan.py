@@ -55,6 +55,7 @@ class Resources:
     conversations: Any = None
     responses: Any = None  # llm_backend.services.responses.ResponsesService
     limiter: Any = None
+    tracer: Any = None  # llm_backend.tracing.otel.Tracer when tracing is on
     metrics: Metrics = field(default_factory=Metrics)
     recorded_routes: frozenset[str] = frozenset()  # route templates of the model calls (POST /v1/…)
     extra_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = field(default_factory=list)
@@ -143,7 +144,12 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
 
     await setup_storage(settings, resources, stack)
     recorder: RecordSink | None = resources.recorder
-    resources.proxy = ProxyService(router, recorder, record_content=settings.record_content)
+    from llm_backend.tracing import start_tracing
+
+    resources.tracer = await start_tracing(stack)  # None unless OTEL_* asks for traces
+    resources.proxy = ProxyService(
+        router, recorder, record_content=settings.record_content, tracer=resources.tracer
+    )
     from llm_backend.services.access import setup_access
     from llm_backend.services.conversations import ConversationService
 
@@ -230,7 +236,10 @@ def lifespan_for(
                 settings.auth,
             )
             tune_gc()
-            yield {"resources": resources, "on_request_done": resources.on_request_done}
+            state: dict[str, Any] = {"resources": resources, "on_request_done": resources.on_request_done}
+            if resources.tracer is not None:  # the request headers that carry the client's trace context
+                state["trace_headers"] = resources.tracer.inbound_fields
+            yield state
             logger.info("llm-backend worker shutting down")
 
     return lifespan

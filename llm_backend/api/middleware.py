@@ -107,6 +107,11 @@ class RequestContextMiddleware:
                 break
         state = scope.setdefault("state", {})
         state["caller"] = caller
+        trace_headers = state.get("trace_headers")
+        if trace_headers:  # tracing is on: the client's trace context, for the request's span
+            caller.trace_context = {
+                h.decode("latin-1"): headers[h].decode("latin-1") for h in trace_headers if h in headers
+            }
         status = 500
         id_headers = [(b"x-request-id", request_id.encode())]
         if client_id is not None:

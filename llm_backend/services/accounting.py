@@ -31,10 +31,12 @@ class Accountant:
         *,
         record_content: bool = True,
         prices: PriceBook | None = None,
+        tracer: Any = None,
     ) -> None:
         self.recorder: RecordSink = recorder or NullSink()
         self.record_content = record_content
         self.prices = prices or PriceBook(())
+        self.tracer = tracer  # llm_backend.tracing.otel.Tracer; None unless tracing is on
         # provisional records (journaled when the upstream is asked), if the sink keeps them
         self.started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
 
@@ -98,7 +100,9 @@ class Accountant:
         content = self.record_content and caller.record_messages
         requested = flight.requested
         self._submit(
+            flight,
             self._base_record(flight, status, outcome, error_type),
+            reply,
             model=route.name if not route.config.wildcard else requested,
             provider=backend.provider,
             backend=backend.name,
@@ -161,7 +165,9 @@ class Accountant:
         flight.caller.log.update(backend=backend_name, error=error_type)
         route = flight.route
         self._submit(
+            flight,
             self._base_record(flight, status, OUTCOME_ERROR, error_type, operation),
+            None,
             model=route.name if route is not None and not route.config.wildcard else None,
             backend=backend_name,
             attempts=int(getattr(upstream, "attempts", 1 if upstream is not None else 0)),
@@ -212,8 +218,16 @@ class Accountant:
             "continues": flight.continues,
         }
 
-    def _submit(self, base: dict[str, Any], **fields: Any) -> None:
+    def _submit(
+        self, flight: Flight, base: dict[str, Any], reply: dict[str, Any] | None, **fields: Any
+    ) -> None:
+        record: RequestRecord | None = None
         try:
-            self.recorder.submit(RequestRecord(**base, **fields))
+            record = RequestRecord(**base, **fields)
+            self.recorder.submit(record)
         except Exception:  # recording must never break serving
             logger.exception("handing a record to the recorder failed")
+        if (
+            self.tracer is not None and record is not None
+        ):  # the outcome is settled here: the request's span ends with it
+            self.tracer.ended(flight, record, reply)

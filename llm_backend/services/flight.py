@@ -61,6 +61,9 @@ class Caller:
     log: dict[str, Any] = field(default_factory=dict)
     recorded: bool = False
     record_messages: bool = True
+    # tracing (both None unless it is on): the client's trace-context headers, and the request's span
+    trace_context: dict[str, str] | None = None
+    trace: Any = None  # llm_backend.tracing.otel.RequestSpan, from the first upstream attempt to the record
 
 
 @dataclass(slots=True)
@@ -89,6 +92,11 @@ class Flight:
     answered_model: str | None = None
     # sees the response object of a JSON answer, or the first one of a typed-event stream
     on_response: Callable[[Flight, dict[str, Any]], None] | None = None
+
+    @property
+    def trace(self) -> Any:
+        """The request's span (llm_backend.tracing.otel.RequestSpan); None unless tracing is on."""
+        return self.caller.trace
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,9 +67,13 @@ class ProxyService:
         recorder: RecordSink | None = None,
         *,
         record_content: bool = True,
+        tracer: Any = None,
     ) -> None:
         self.router = router
-        self.accounts = Accountant(recorder, record_content=record_content, prices=PriceBook(router.models))
+        # `tracer` (llm_backend.tracing.otel.Tracer) is None unless tracing is on
+        self.accounts = Accountant(
+            recorder, record_content=record_content, prices=PriceBook(router.models), tracer=tracer
+        )
         self.recorder: RecordSink = self.accounts.recorder
         self.record_content = record_content
 
@@ -206,6 +210,8 @@ class ProxyService:
             raise
         budget = 1 + route.config.retries if flight.pinned is None else 1
         journal = self.accounts.started
+        if self.accounts.tracer is not None:  # each attempt in a child span of the request's
+            send = self.accounts.tracer.traced(flight, send, hold=hold)
         last: UpstreamError | None = None
         attempts = 0
         for state in plan:
@@ -329,6 +335,8 @@ class ProxyService:
         except UpstreamError as exc:
             await self.accounts.fail(flight, exc.status_code, exc.code or exc.error_type, exc)
             raise
+        if flight.trace is not None:
+            flight.trace.saw(data)
         # no usage in the answer: count the prompt and the reply, marked estimated
         usage = op.usage(data) or self.accounts.estimate(flight, op.answer_tokens(data))
         if isinstance(data, dict) and isinstance(data.get("model"), str):

@@ -104,6 +104,7 @@ async def relay_chunks(
     final: tuple[Usage, dict[str, Any] | None] | None = None  # set once the record is submitted
     journal = accountant.started is not None
     next_progress = 0.0
+    trace = flight.trace  # None unless tracing is on
 
     def estimate() -> Usage:
         completion = sum(count_tokens("".join(parts)) for parts in texts.values())
@@ -134,6 +135,8 @@ async def relay_chunks(
                 ) from None
             if not isinstance(chunk, dict):
                 continue
+            if trace is not None:
+                trace.saw(chunk)
             if "error" in chunk and "choices" not in chunk:
                 # an error event from the upstream: pass it on, then end the stream
                 err = chunk.get("error")
@@ -340,6 +343,8 @@ async def relay_events(
                 deltas.append(payload)
             elif kind.startswith("response.") and isinstance(event.get("response"), dict):
                 response = event["response"]
+                if flight.trace is not None:
+                    flight.trace.saw(response)
                 if not announced and on_response is not None and response.get("id"):
                     announced = True
                     on_response(flight, response)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from llm_backend.config import BackendConfig
@@ -17,6 +18,9 @@ RESPONSES_INPUT_TOKENS = "responses/input_tokens"
 # The operations Azure's deployment-style API serves under /openai/deployments/{deployment}/; every other
 # one (the Responses API) lives at /openai/<suffix>?api-version=… there, with the deployment as `model`.
 DEPLOYMENT_SCOPED = frozenset({CHAT, COMPLETIONS, EMBEDDINGS})
+#: Headers the upstream requests made in this context carry besides their own: the attempt's trace context
+#: (`traceparent`, `tracestate`) when tracing is on; None (nothing added) otherwise.
+request_headers: ContextVar[Mapping[str, str] | None] = ContextVar("upstream_request_headers", default=None)
 
 
 @dataclass(frozen=True, slots=True)

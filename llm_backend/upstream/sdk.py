@@ -20,6 +20,7 @@ from llm_backend.upstream.base import (
     UpstreamStream,
     iter_sse_events,
     iter_sse_payloads,
+    request_headers,
 )
 from llm_backend.upstream.errors import (
     UpstreamAuthFailed,
@@ -141,7 +142,8 @@ class SdkBackend(Backend):
     async def _call(
         self, method: str, path: str, body: bytes | None, query: Mapping[str, str] | None
     ) -> UpstreamResponse:
-        options: dict[str, Any] = {"headers": _JSON_HEADERS}
+        extra = request_headers.get()
+        options: dict[str, Any] = {"headers": _JSON_HEADERS if extra is None else {**_JSON_HEADERS, **extra}}
         if query:
             options["params"] = dict(query)
 
@@ -163,12 +165,13 @@ class SdkBackend(Backend):
     async def open_stream(
         self, operation: str, body: bytes, *, model: str, events: bool = False
     ) -> UpstreamStream:
+        extra = request_headers.get()
         response: httpx2.Response = await self._translated(
             self.client.post(
                 self._path(operation),
                 cast_to=httpx2.Response,
                 content=body,
-                options={"headers": _SSE_HEADERS},
+                options={"headers": _SSE_HEADERS if extra is None else {**_SSE_HEADERS, **extra}},
                 stream=True,
             )
         )
