@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -13,7 +14,7 @@ from typing import Any
 from llm_backend.api.validation import BODY_STATE_KEY
 from llm_backend.config import BackendConfig, Settings
 from llm_backend.logthrottle import LogThrottle
-from llm_backend.metrics import OTHER, Metrics
+from llm_backend.metrics import OTHER, MeteredSink, Metrics
 from llm_backend.services.operations import operation_of_path
 from llm_backend.services.proxy import Caller, ProxyService, RecordSink
 from llm_backend.upstream.base import Backend
@@ -79,13 +80,16 @@ class Resources:
         those are counted and summed up in one log line per interval instead of a line (and a row) each,
         so a flood of junk grows neither the log nor the database."""
         metrics = self.metrics
+        metrics.request_done(caller)
         route = metrics.route_of(caller.route)
+        log = caller.log
         metrics.observe_request(
             route,
             status,
-            metrics.model_label(caller.log.get("model")),
+            metrics.model_label(log.get("model")),
             time.perf_counter() - caller.started,
-            int(caller.log.get("tokens") or 0),
+            backend=metrics.backend_label(log.get("backend")),
+            outcome=log.get("outcome"),
         )
         if route == OTHER or status in (401, 405):
             reason = "unauthenticated" if status == 401 else "unknown_route"
@@ -131,7 +135,10 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
         proxy=ProxyService(router),
         backends=backends,
         metrics=Metrics(
-            models=(n for m in settings.models for n in (m.name, *m.aliases)), routes=routes.keys()
+            models=(m.name for m in settings.models if not m.wildcard),
+            aliases={a: m.name for m in settings.models if not m.wildcard for a in m.aliases},
+            routes=routes.keys(),
+            backends=((s.model, s.name) for s in router.states.values()),
         ),
         recorded_routes=frozenset(
             path
@@ -143,7 +150,12 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
 
     await setup_storage(settings, resources, stack)
     recorder: RecordSink | None = resources.recorder
-    resources.proxy = ProxyService(router, recorder, record_content=settings.record_content)
+    metrics = resources.metrics
+    metrics.watch_router(router)
+    router.on_attempt, router.on_error = metrics.upstream_attempt, metrics.upstream_error
+    resources.proxy = ProxyService(
+        router, MeteredSink(recorder, metrics.observe_record), record_content=settings.record_content
+    )
     from llm_backend.services.access import setup_access
     from llm_backend.services.conversations import ConversationService
 
@@ -230,7 +242,13 @@ def lifespan_for(
                 settings.auth,
             )
             tune_gc()
-            yield {"resources": resources, "on_request_done": resources.on_request_done}
+            publisher = asyncio.create_task(resources.metrics.publish())
+            stack.callback(publisher.cancel)
+            yield {
+                "resources": resources,
+                "on_request_start": resources.metrics.request_started,
+                "on_request_done": resources.on_request_done,
+            }
             logger.info("llm-backend worker shutting down")
 
     return lifespan

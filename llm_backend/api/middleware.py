@@ -107,6 +107,9 @@ class RequestContextMiddleware:
                 break
         state = scope.setdefault("state", {})
         state["caller"] = caller
+        on_start = state.get("on_request_start")
+        if on_start is not None:  # the metrics' count of requests in flight
+            on_start(caller)
         status = 500
         id_headers = [(b"x-request-id", request_id.encode())]
         if client_id is not None:
