@@ -226,6 +226,12 @@ class GcPauses:
 _gc_pauses = GcPauses()
 
 
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def lifespan_for(
     settings: Settings,
 ) -> Callable[[Any], contextlib.AbstractAsyncContextManager[dict[str, Any]]]:
@@ -243,7 +249,7 @@ def lifespan_for(
             )
             tune_gc()
             publisher = asyncio.create_task(resources.metrics.publish())
-            stack.callback(publisher.cancel)
+            stack.push_async_callback(_cancelled, publisher)
             yield {
                 "resources": resources,
                 "on_request_start": resources.metrics.request_started,
