@@ -146,6 +146,9 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
             if "post" in methods and path.startswith(("/v1/", "/openai/"))
         ),
     )
+    # last of all at shutdown (after the recorder's drain): what the sampled counters grew by since the
+    # previous refresh goes into the sums before the worker exits
+    stack.callback(resources.metrics.refresh)
     from llm_backend.storage import setup_storage
 
     await setup_storage(settings, resources, stack)

@@ -393,3 +393,39 @@ def test_single_process_apps_keep_their_own_counts(make_client: Callable[..., An
             if s.name == "llm_backend_requests_total" and s.labels["route"] == CHAT_ROUTE
         )
         assert got == want
+
+
+def test_counts_made_during_shutdown_reach_the_files(tmp_path: Path) -> None:
+    """The recorder's last writes (its drain at SIGTERM) are in the summed counters a worker leaves."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  - name: m\n    backends:\n      - {provider: mock}\n")
+    metrics_dir = tmp_path / "prom"
+    db = migrated(tmp_path)
+    env = {
+        **os.environ,
+        "WEB_CONCURRENCY": "1",
+        "LLM_BACKEND_CONFIG": str(models),
+        "LLM_BACKEND_AUTH": "none",
+        "DATABASE_URL": db,
+        "LLM_BACKEND_DATA_DIR": str(tmp_path / "data"),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "LOG_LEVEL": "WARNING",
+    }
+    with gunicorn_server(env, tmp_path / "gunicorn.log", timeout=60) as (proc, base):
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for _ in range(5):
+                assert c.post(CHAT_ROUTE, json=chat("m")).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
+    assert registry.get_sample_value("llm_backend_recorder_written_total") == 5
+    chats = [
+        s.value
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "llm_backend_requests_total" and s.labels["route"] == CHAT_ROUTE
+    ]
+    assert sum(chats) == 5
