@@ -9,6 +9,14 @@ from typing import Any
 
 from llm_backend.db.repositories import ApiKeyRepository, RequestLogRepository
 from llm_backend.db.session import session_scope
+from llm_backend.services.pricing import round_cost
+
+
+def _row(row: Any) -> dict[str, Any]:
+    """A usage row as a dict, its cost sum without the float noise of adding many rows."""
+    out = dataclasses.asdict(row)
+    out["cost"] = round_cost(row.cost)
+    return out
 
 
 def usage_report(
@@ -31,11 +39,11 @@ def usage_report(
             client_request_id=client_request_id,
         )
         if "key" not in group_by:
-            return [dataclasses.asdict(r) for r in rows]
+            return [_row(r) for r in rows]
         names = {k.id: k.name for k in ApiKeyRepository(session).list()}  # keys are few; one query
     out = []
     for r in rows:
-        row = dataclasses.asdict(r)
+        row = _row(r)
         out.append({"key_id": r.key_id, "key_name": names.get(r.key_id) if r.key_id else None, **row})
     return out
 
@@ -57,6 +65,7 @@ _REQUEST_FIELDS = (
     "completion_tokens",
     "total_tokens",
     "tokens_estimated",
+    "cost",
     "latency_ms",
     "ttft_ms",
     "key_id",
