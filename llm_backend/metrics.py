@@ -330,7 +330,7 @@ class Metrics:
             tokens(model, "cached").inc(usage.cached_tokens)
         if usage.reasoning_tokens:
             tokens(model, "reasoning").inc(usage.reasoning_tokens)
-        cost = getattr(record, "cost", None)
+        cost = record.cost
         if cost:
             self.spend(model).inc(cost)
         if record.ttft_ms is not None:

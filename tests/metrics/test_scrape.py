@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -121,14 +122,15 @@ def upstream() -> Iterator[HTTPServer]:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory, upstream: HTTPServer) -> Iterator[tuple[str, Path]]:
+def loaded(tmp_path_factory: pytest.TempPathFactory, upstream: HTTPServer) -> Iterator[tuple[str, Path, str]]:
     """gunicorn with two workers, keys, limits and recording, after chats, streams, embeddings, a
     failover, an upstream 429, limiter refusals, validation errors and junk."""
     tmp = tmp_path_factory.mktemp("metrics")
     models = tmp / "models.yaml"
     models.write_text(
         "models:\n"
-        "  - name: m\n    backends:\n      - {provider: mock, name: mock-a}\n"
+        "  - name: m\n    prices: {input: 2.5, cached_input: 1.25, output: 10}\n"
+        "    backends:\n      - {provider: mock, name: mock-a}\n"
         "  - name: flaky\n    backends:\n"
         f"      - {{provider: openai, name: down, base_url: '{upstream.url_for('/down/v1')}', api_key: k, "
         "priority: 0}\n"
@@ -178,19 +180,19 @@ def loaded(tmp_path_factory: pytest.TempPathFactory, upstream: HTTPServer) -> It
                 c.post(CHAT_ROUTE, json=chat("m"), headers={"Authorization": "Bearer nope"}).status_code
                 == 401
             )
-        yield base, metrics_dir
+        yield base, metrics_dir, db
 
 
-def test_metrics_need_the_token(loaded: tuple[str, Path]) -> None:
-    base, _ = loaded
+def test_metrics_need_the_token(loaded: tuple[str, Path, str]) -> None:
+    base, _, _ = loaded
     r = httpx.get(f"{base}/metrics", timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = httpx.get(f"{base}/metrics", headers={"Authorization": "Bearer wrong"}, timeout=10)
     assert r.status_code == 401
 
 
-def test_every_dashboard_query_reads_exported_metrics(loaded: tuple[str, Path]) -> None:
-    base, _ = loaded
+def test_every_dashboard_query_reads_exported_metrics(loaded: tuple[str, Path, str]) -> None:
+    base, _, _ = loaded
     r = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
     family = {s.name: f.name for f in text_string_to_metric_families(r.text) for s in f.samples}
     exported = set(family)
@@ -213,10 +215,10 @@ def test_every_dashboard_query_reads_exported_metrics(loaded: tuple[str, Path]) 
     assert unread <= {"llm_backend_limiter_settle_retries"}, unread
 
 
-def test_mixed_load_is_counted_with_bounded_labels(loaded: tuple[str, Path]) -> None:
-    base, _ = loaded
+def test_mixed_load_is_counted_with_bounded_labels(loaded: tuple[str, Path, str]) -> None:
+    base, _, db = loaded
     samples = wait_for(
-        lambda: (s := scrape(base)) and total(s, "llm_backend_recorder_written_total") >= 10 and s,
+        lambda: (s := scrape(base)) and total(s, "llm_backend_recorder_written_total") >= 12 and s,
         60,
         "the recorder's writes published",
     )
@@ -248,7 +250,12 @@ def test_mixed_load_is_counted_with_bounded_labels(loaded: tuple[str, Path]) -> 
     assert total(samples, "llm_backend_upstream_errors_total", backend="down", kind="5xx") == 1
     assert total(samples, "llm_backend_upstream_errors_total", backend="limited", kind="429") == 1
     assert total(samples, "llm_backend_upstream_attempts_total", model="flaky") == 2
-    assert total(samples, "llm_backend_spend_total") == 0  # no prices configured
+    # spend: what the request log says the requests cost, at the models file's prices (only m has some)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        costs = dict(conn.execute("SELECT model, sum(cost) FROM request_log GROUP BY model").fetchall())
+    assert costs["m"] > 0
+    assert total(samples, "llm_backend_spend_total", model="m") == pytest.approx(costs["m"], rel=1e-9)
+    assert total(samples, "llm_backend_spend_total") == pytest.approx(costs["m"], rel=1e-9)
 
     # the worker that took the 429 says so within a refresh, whichever worker answers the scrape
     def cooling() -> bool:
@@ -259,8 +266,8 @@ def test_mixed_load_is_counted_with_bounded_labels(loaded: tuple[str, Path]) -> 
     assert breaker == 0
 
 
-def test_the_metrics_directory_starts_empty(loaded: tuple[str, Path]) -> None:
-    _, metrics_dir = loaded
+def test_the_metrics_directory_starts_empty(loaded: tuple[str, Path, str]) -> None:
+    _, metrics_dir, _ = loaded
     assert not (metrics_dir / "counter_99999999.db").exists()
     assert list(metrics_dir.glob("counter_*.db"))
 
