@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import tempfile
 
 host = os.environ.get("HOST", "127.0.0.1")
 port = int(os.environ.get("PORT", "8080"))
@@ -32,6 +33,15 @@ logger_class = "llm_backend.logs.GunicornLogger"
 # rewrite the client address before the app sees it.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "")
 
+# One scrape of /metrics sees the whole pod: every worker writes its metrics to files in
+# PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode) and the worker answering a scrape sums them.
+# Unset: a private directory for this master, removed when it exits. Either way emptied as the master starts
+# (one directory per master: two masters sharing one would count each other's requests).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-backend-metrics-")
+    os.environ["LLM_BACKEND_METRICS_DIR_PRIVATE"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 # No runtime control socket: nothing uses it, and a read-only root filesystem has nowhere to put it.
 control_socket_disable = True
 
@@ -44,6 +54,9 @@ def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
     from llm_backend.logs import report_config_error
     from llm_backend.server import ServerConfigError, ServerLimits
 
+    from llm_backend.metrics import wipe_multiprocess_dir
+
+    wipe_multiprocess_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # an earlier run's counts are not ours
     try:
         Settings.from_env()
         ServerLimits.from_env()
@@ -53,3 +66,19 @@ def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
     except ServerConfigError as exc:
         report_config_error([str(exc)])
         sys.exit(2)
+
+
+def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    """A worker ended: drop its live gauges (in flight, backlog) from the metrics; its counters stay summed."""
+    from llm_backend.metrics import worker_exited
+
+    worker_exited(worker.pid)
+
+
+def on_exit(server):  # noqa: ARG001 - gunicorn's hook signature
+    """Remove the private metrics directory (an operator's PROMETHEUS_MULTIPROC_DIR stays)."""
+    import shutil
+
+    private = os.environ.get("LLM_BACKEND_METRICS_DIR_PRIVATE")
+    if private and private == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(private, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -13,7 +14,7 @@ from typing import Any
 from llm_backend.api.validation import BODY_STATE_KEY
 from llm_backend.config import BackendConfig, Settings
 from llm_backend.logthrottle import LogThrottle
-from llm_backend.metrics import OTHER, Metrics
+from llm_backend.metrics import OTHER, MeteredSink, Metrics
 from llm_backend.services.operations import operation_of_path
 from llm_backend.services.proxy import Caller, ProxyService, RecordSink
 from llm_backend.upstream.base import Backend
@@ -80,13 +81,16 @@ class Resources:
         those are counted and summed up in one log line per interval instead of a line (and a row) each,
         so a flood of junk grows neither the log nor the database."""
         metrics = self.metrics
+        metrics.request_done(caller)
         route = metrics.route_of(caller.route)
+        log = caller.log
         metrics.observe_request(
             route,
             status,
-            metrics.model_label(caller.log.get("model")),
+            metrics.model_label(log.get("model")),
             time.perf_counter() - caller.started,
-            int(caller.log.get("tokens") or 0),
+            backend=metrics.backend_label(log.get("backend")),
+            outcome=log.get("outcome"),
         )
         if route == OTHER or status in (401, 405):
             reason = "unauthenticated" if status == 401 else "unknown_route"
@@ -132,7 +136,10 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
         proxy=ProxyService(router),
         backends=backends,
         metrics=Metrics(
-            models=(n for m in settings.models for n in (m.name, *m.aliases)), routes=routes.keys()
+            models=(m.name for m in settings.models if not m.wildcard),
+            aliases={a: m.name for m in settings.models if not m.wildcard for a in m.aliases},
+            routes=routes.keys(),
+            backends=((s.model, s.name) for s in router.states.values()),
         ),
         recorded_routes=frozenset(
             path
@@ -140,6 +147,9 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
             if "post" in methods and path.startswith(("/v1/", "/openai/"))
         ),
     )
+    # last of all at shutdown (after the recorder's drain): what the sampled counters grew by since the
+    # previous refresh goes into the sums before the worker exits
+    stack.callback(resources.metrics.refresh)
     from llm_backend.storage import setup_storage
 
     await setup_storage(settings, resources, stack)
@@ -147,8 +157,14 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
     from llm_backend.tracing import start_tracing
 
     resources.tracer = await start_tracing(stack)  # None unless OTEL_* asks for traces
+    metrics = resources.metrics
+    metrics.watch_router(router)
+    router.on_attempt, router.on_error = metrics.upstream_attempt, metrics.upstream_error
     resources.proxy = ProxyService(
-        router, recorder, record_content=settings.record_content, tracer=resources.tracer
+        router,
+        MeteredSink(recorder, metrics.observe_record),
+        record_content=settings.record_content,
+        tracer=resources.tracer,
     )
     from llm_backend.services.access import setup_access
     from llm_backend.services.conversations import ConversationService
@@ -220,6 +236,12 @@ class GcPauses:
 _gc_pauses = GcPauses()
 
 
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def lifespan_for(
     settings: Settings,
 ) -> Callable[[Any], contextlib.AbstractAsyncContextManager[dict[str, Any]]]:
@@ -236,7 +258,13 @@ def lifespan_for(
                 settings.auth,
             )
             tune_gc()
-            state: dict[str, Any] = {"resources": resources, "on_request_done": resources.on_request_done}
+            publisher = asyncio.create_task(resources.metrics.publish())
+            stack.push_async_callback(_cancelled, publisher)
+            state: dict[str, Any] = {
+                "resources": resources,
+                "on_request_start": resources.metrics.request_started,
+                "on_request_done": resources.on_request_done,
+            }
             if resources.tracer is not None:  # the request headers that carry the client's trace context
                 state["trace_headers"] = resources.tracer.inbound_fields
             yield state

@@ -75,33 +75,7 @@ async def setup_storage(settings: Settings, resources: Any, stack: contextlib.As
     stack.push_async_callback(recorder.stop)
     resources.recorder = recorder
     resources.extra_checks.append(RecorderCheck(recorder))
-    resources.metrics.gauge(
-        "llm_backend_recorder_pending", "Records queued in memory, not yet written.", lambda: recorder.pending
-    )
-    resources.metrics.gauge(
-        "llm_backend_recorder_spilled",
-        "Records in the journal (spill file) waiting for the database.",
-        lambda: recorder.stats()["spilled"],
-    )
-    resources.metrics.gauge(
-        "llm_backend_recorder_written", "Records written this run.", lambda: recorder.stats()["written"]
-    )
-    resources.metrics.gauge(
-        "llm_backend_recorder_memory_only",
-        "Records held only in memory because the journal (spill file) cannot be written.",
-        lambda: recorder.health()["memory_only"],
-    )
-    resources.metrics.gauge(
-        "llm_backend_recorder_dropped",
-        "Records dropped this run: the memory bound was reached while neither the database nor the journal "
-        "could take them (stays 0 otherwise).",
-        lambda: recorder.health()["dropped"],
-    )
-    resources.metrics.gauge(
-        "llm_backend_recorder_journal_ok",
-        "1 when the recorder's journal can be written, 0 when records are kept in memory only.",
-        lambda: 1.0 if recorder.health()["journal_ok"] else 0.0,
-    )
+    resources.metrics.watch_recorder(recorder)
 
 
 class RecorderCheck:

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pytest_httpserver import HTTPServer
 
 from tests.conftest import (
@@ -139,10 +140,15 @@ def test_metrics(client) -> None:
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert "# TYPE llm_backend_requests_total counter" in text
-    assert re.search(
-        r'llm_backend_requests_total\{[^}]*route="/v1/chat/completions",status="200",model="mock"\} 1', text
-    )
-    assert re.search(r'llm_backend_requests_total\{[^}]*route="/v1/chat/completions",status="404"', text)
+    samples = [
+        s.labels
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "llm_backend_requests_total"
+        and s.labels["route"] == "/v1/chat/completions"
+        and (s.labels["status"], s.labels["model"], s.value) in (("200", "mock", 1), ("404", "other", 1))
+    ]
+    assert len(samples) == 2, text
     assert "llm_backend_request_duration_seconds" in text
 
 

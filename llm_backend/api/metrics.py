@@ -1,15 +1,17 @@
-"""GET /metrics: the worker's Prometheus metrics (outside the OpenAI spec, like the docs routes)."""
+"""GET /metrics: the pod's Prometheus metrics, all workers summed (outside the OpenAI spec, like the docs)."""
 
 from __future__ import annotations
 
 import hmac
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 
 from llm_backend.errors import error_body
+from llm_backend.metrics import CONTENT_TYPE
 
 
 async def metrics(request: Request) -> Response:
@@ -31,7 +33,11 @@ async def metrics(request: Request) -> Response:
                 media_type="application/json",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-    return PlainTextResponse(resources.metrics.render(), media_type="text/plain; version=0.0.4")
+    metrics = resources.metrics
+    metrics.refresh()  # this worker's gauges as of now (on the event loop, which owns what they read)
+    # every worker's files are read off the event loop; the single-process registry is quick to render
+    body = await anyio.to_thread.run_sync(metrics.collect) if metrics.multiprocess else metrics.collect()
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 def add_metrics_route(app: Any) -> None:

@@ -112,6 +112,9 @@ class RequestContextMiddleware:
             caller.trace_context = {
                 h.decode("latin-1"): headers[h].decode("latin-1") for h in trace_headers if h in headers
             }
+        on_start = state.get("on_request_start")
+        if on_start is not None:  # the metrics' count of requests in flight
+            on_start(caller)
         status = 500
         id_headers = [(b"x-request-id", request_id.encode())]
         if client_id is not None:

@@ -9,6 +9,7 @@ import hmac
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -247,8 +248,10 @@ class Gate:
         store: KeyStore | None = None,
         guard: DatabaseGuard | None = None,
         fail_open: bool = True,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.limiter = limiter
+        self.on_refusal = on_refusal  # metrics: the limit that refused a request (or limiter_unavailable)
         self.default_max_tokens = default_max_tokens
         self.store = store
         self.guard = guard or DatabaseGuard(5.0)
@@ -266,6 +269,8 @@ class Gate:
         try:
             reservation = await self._acquire(caller.key_id, limits, reserve)
         except LimitExceeded as exc:
+            if self.on_refusal is not None:
+                self.on_refusal(exc.kind)
             retry = max(1, math.ceil(exc.retry_after))
             raise RateLimited(
                 exc.message,
@@ -274,6 +279,8 @@ class Gate:
                 headers={**exc.state.headers(), "Retry-After": str(retry)},
             ) from None
         except LimiterUnavailable:
+            if self.on_refusal is not None:
+                self.on_refusal("limiter_unavailable")
             raise ServiceUnavailable(
                 "The rate limiter is unavailable and this server is set to refuse requests it cannot count "
                 "(LIMITER_FAIL_OPEN=false). Try again shortly.",
@@ -353,8 +360,8 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
     )
     stack.push_async_callback(authenticator.aclose)
     resources.authenticator = authenticator
-    resources.metrics.gauge(
-        "llm_backend_database_errors_total",
+    resources.metrics.sampled_counter(
+        "llm_backend_database_errors",
         "Database calls of the serving path that failed or timed out (key look-ups, budget seeding).",
         lambda: guard.failures_total,
     )
@@ -370,7 +377,12 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
     stack.push_async_callback(limiter.close)
     resources.limiter = limiter
     resources.admit = Gate(
-        limiter, settings.default_max_tokens, store=store, guard=guard, fail_open=settings.limiter_fail_open
+        limiter,
+        settings.default_max_tokens,
+        store=store,
+        guard=guard,
+        fail_open=settings.limiter_fail_open,
+        on_refusal=resources.metrics.limiter_refused,
     )
     if not settings.redis_url and settings.web_concurrency > 1:
         logger.warning(
@@ -379,15 +391,13 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
             settings.web_concurrency,
         )
     if hasattr(limiter, "settle_retries_total"):
-        resources.metrics.gauge(
-            "llm_backend_limiter_settle_retries_total",
+        resources.metrics.sampled_counter(
+            "llm_backend_limiter_settle_retries",
             "Settles that could not reach Redis at once and were retried in the background.",
             lambda: limiter.settle_retries_total,  # type: ignore[attr-defined]
         )
-    errors = getattr(limiter, "errors_total", None)
-    if errors is not None:
-        resources.metrics.gauge(
-            "llm_backend_limiter_errors_total",
-            "Rate-limiter store errors.",
-            lambda: limiter.errors_total,  # type: ignore[attr-defined]
-        )
+    resources.metrics.sampled_counter(
+        "llm_backend_limiter_errors",
+        "Rate-limiter store errors (stays 0 with the in-memory limiter).",
+        lambda: getattr(limiter, "errors_total", 0),
+    )

@@ -89,6 +89,9 @@ class Router:
         self.models: list[ModelConfig] = []
         self.rng = rng or random.Random()
         self.clock = clock  # cool-downs and breaker windows; injectable so tests need not sleep
+        # metrics: (model, backend) of each call made, (model, backend, kind) of each that failed
+        self.on_attempt: Callable[[str, str], None] | None = None
+        self.on_error: Callable[[str, str, str], None] | None = None
         for model in models:
             states = []
             for bc in model.backends:
@@ -175,6 +178,8 @@ class Router:
         if state.state == HALF_OPEN:
             state.probing = True
         state.in_flight += 1
+        if self.on_attempt is not None:
+            self.on_attempt(state.model, state.name)
         return True
 
     def release(self, state: BackendState) -> None:
@@ -214,6 +219,8 @@ class Router:
         if release:
             self.release(state)
         now = self.clock()
+        if self.on_error is not None:
+            self.on_error(state.model, state.name, exc.failover_kind if exc.retryable else "client")
         if not exc.retryable:
             # the caller's answer (400/404/content filter): the backend itself is healthy
             state.successes += 1

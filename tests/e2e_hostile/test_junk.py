@@ -113,7 +113,7 @@ def test_metrics_labels_come_from_bounded_sets(app_client: Callable[..., Any]) -
     assert not any(noise in text for noise in noises)
     assert key not in text
     lines = series(text)
-    assert len(lines) < 120, len(lines)
+    assert len(lines) < 250, len(lines)  # ~160: histograms per route and model; 200 noises would be 800+
     routes = set(re.findall(r'route="([^"]*)"', text))
     assert routes <= {
         "other",
@@ -125,8 +125,8 @@ def test_metrics_labels_come_from_bounded_sets(app_client: Callable[..., Any]) -
     }, routes
     models = set(re.findall(r'model="([^"]*)"', text))
     assert models <= {"", "mock", "other"}, models
-    assert re.search(r'route="/v1/chat/completions",status="200",model="mock"', text)
-    assert re.search(r'route="/v1/chat/completions",status="404",model="other"', text)
+    assert re.search(r'model="mock",[^}]*route="/v1/chat/completions",status="200"', text)
+    assert re.search(r'model="other",[^}]*route="/v1/chat/completions",status="404"', text)
     assert re.search(r'llm_backend_rejected_total\{[^}]*reason="unknown_route"\} 200', text)
 
 

@@ -138,7 +138,7 @@ def test_full_disk_with_the_database_down_loses_no_answered_request(tmp_path: Pa
 
             def kept_in_memory() -> bool:
                 text = httpx.get(f"{base}/metrics", timeout=5).text
-                assert gauge_in(text, "llm_backend_recorder_dropped") == 0
+                assert gauge_in(text, "llm_backend_recorder_dropped_total") == 0
                 return (
                     gauge_in(text, "llm_backend_recorder_memory_only") > 0
                     and gauge_in(text, "llm_backend_recorder_journal_ok") == 0
