@@ -375,15 +375,31 @@ class RollupRepository:
                 sa.text("LOCK TABLE usage_hourly, usage_daily, usage_callers_daily IN EXCLUSIVE MODE")
             )
 
-    def rebuild(self, since: datetime | None = None, until: datetime | None = None) -> int:
-        """Recompute the rollups of whole days in [since, until) (default: all) from request_log; returns
-        the request rows they cover. Run it in a write transaction of its own: it locks the rollups, deletes
-        those buckets and sums the log again with one INSERT … SELECT per table."""
+    def rebuild(
+        self, since: datetime | None = None, until: datetime | None = None, *, keep_pruned: bool = True
+    ) -> int:
+        """Recompute the rollups of whole UTC days in [since, until) (default: all) from request_log;
+        returns the requests they now cover. Run it in a write transaction of its own: it locks the
+        rollups, deletes those buckets and sums the log again with one INSERT … SELECT per table.
+
+        With `keep_pruned` the days up to and including the oldest raw row's day are left as they are:
+        their raw rows may have been pruned (in part), and the rollups are then all that is left of them.
+        """
         self.lock()
         start = floor_day(since) if since else None
-        end = floor_day(until) + timedelta(days=1) if until else None
-        if end is not None and until is not None and floor_day(until) == _aware(until).astimezone(UTC):
+        end = None
+        if until is not None:
             end = floor_day(until)
+            if end != _aware(until).astimezone(UTC):
+                end += timedelta(days=1)
+        if keep_pruned:
+            oldest = self.session.scalar(sa.select(sa.func.min(RequestLog.created_at)))
+            if oldest is None:
+                return 0
+            first_whole = floor_day(_aware(oldest)) + timedelta(days=1)
+            start = max(start, first_whole) if start else first_whole
+        if start is not None and end is not None and end <= start:
+            return 0
         for table in (USAGE_HOURLY, USAGE_DAILY, USAGE_CALLERS_DAILY):
             stmt = sa.delete(table)
             if start is not None:
@@ -498,8 +514,10 @@ def _grouped(
 def _bucket_expr(dialect: str, granularity: str) -> Any:
     created = RequestLog.__table__.c.created_at
     if dialect == "postgresql":
-        utc = sa.literal_column("'UTC'")
-        unit = sa.literal_column(f"'{granularity}'")  # literals: GROUP BY must repeat the same expression
+        utc: Any = sa.literal_column("'UTC'")
+        unit: Any = sa.literal_column(
+            f"'{granularity}'"
+        )  # literals: GROUP BY must repeat the same expression
         return sa.func.date_trunc(unit, sa.func.timezone(utc, created)).op("AT TIME ZONE")(utc)
     # SQLite keeps UTC text "YYYY-MM-DD HH:MM:SS.ffffff": the bucket start in the same form
     if granularity == HOUR:

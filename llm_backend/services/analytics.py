@@ -53,6 +53,25 @@ from llm_backend.db.repositories import (
 )
 from llm_backend.db.session import session_scope
 
+__all__ = [
+    "DAY",
+    "HOUR",
+    "BreakdownRow",
+    "Caller",
+    "ErrorKind",
+    "InvalidCursor",
+    "Overview",
+    "RequestFilter",
+    "RequestPage",
+    "SeriesPoint",
+    "Totals",
+    "overview",
+    "percentile",
+    "request_detail",
+    "request_page",
+    "usage_report",
+]
+
 logger = logging.getLogger(__name__)
 
 #: Ranges up to this long are shown (and summed) by the hour, longer ones by the day.
@@ -66,7 +85,7 @@ USAGE_GROUPS = ("key", "model", "day", "user", "backend")
 #: Named ranges of the console's picker.
 RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 #: Request log page size bounds.
-MAX_PAGE = 500
+MAX_PAGE = 1000
 
 _SCALAR_SUMS = (
     "requests",

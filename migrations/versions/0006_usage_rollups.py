@@ -104,7 +104,7 @@ def _backfill() -> None:
 
     from llm_backend.db.repositories import RollupRepository
 
-    RollupRepository(Session(bind=bind)).rebuild()
+    RollupRepository(Session(bind=bind)).rebuild(keep_pruned=False)  # the rollups are empty yet
 
 
 def downgrade() -> None:
