@@ -454,6 +454,54 @@ class RollupRepository:
         table = _ROLLUP_TABLES[granularity]
         return _grouped(self.session, table, since, until, group_by, sums, equal)
 
+    def totals_sets(
+        self,
+        granularity: str,
+        since: datetime,
+        until: datetime,
+        sets: Sequence[Sequence[str]],
+        *,
+        sums: Sequence[str] = ROLLUP_SUMS,
+        **equal: str | None,
+    ) -> list[list[dict[str, Any]]]:
+        """`totals` for several groupings at once, one result list per grouping: on PostgreSQL one scan of
+        the range (GROUP BY GROUPING SETS), elsewhere one query per grouping."""
+        table = _ROLLUP_TABLES[granularity]
+        if self._dialect() != "postgresql" or len(sets) < 2:
+            return [_grouped(self.session, table, since, until, g, sums, equal) for g in sets]
+        columns = list(dict.fromkeys(c for g in sets for c in g))
+        grouping = sa.func.grouping(*(table.c[c] for c in columns)).label("grouping_id")
+        stmt = sa.select(
+            *(table.c[c] for c in columns), grouping, *(sa.func.sum(table.c[s]).label(s) for s in sums)
+        ).where(table.c.bucket >= since, table.c.bucket < until)
+        for column, value in equal.items():
+            if value is not None:
+                stmt = stmt.where(table.c[column] == value)
+        stmt = stmt.group_by(sa.func.grouping_sets(*(sa.tuple_(*(table.c[c] for c in g)) for g in sets)))
+        # GROUPING() sets bit (n-1-i) for column i when it is not grouped in a row's set
+        ids = {}
+        for n, g in enumerate(sets):
+            mask = 0
+            for i, c in enumerate(columns):
+                if c not in g:
+                    mask |= 1 << (len(columns) - 1 - i)
+            ids[mask] = n
+        out: list[list[dict[str, Any]]] = [[] for _ in sets]
+        for row in self.session.execute(stmt).mappings():
+            n = ids[row["grouping_id"]]
+            item = {c: row[c] for c in sets[n]}
+            for c in sets[n]:
+                if c == "bucket":
+                    item[c] = _aware(item[c])
+                elif item[c] == "":
+                    item[c] = None
+            for name in sums:
+                item[name] = row[name] or 0
+            out[n].append(item)
+        for n, g in enumerate(sets):
+            out[n].sort(key=_sort_key(g))
+        return out
+
     def caller_totals(
         self,
         since: datetime,
@@ -469,6 +517,13 @@ class RollupRepository:
         return _grouped(
             self.session, USAGE_CALLERS_DAILY, since, until, group_by, CALLER_SUMS, equal, order_by, limit
         )
+
+
+def _sort_key(columns: Sequence[str]) -> Any:
+    def key(row: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple("" if row[c] is None else str(row[c]) for c in columns)
+
+    return key
 
 
 def _grouped(

@@ -339,16 +339,22 @@ def overview(
     filters = {"key_id": key_id, "model": model, "backend": backend}
     with session_scope(engine) as session:
         rollups = RollupRepository(session)
-        # One read by (bucket, outcome, error_type) for the series, totals and errors by kind ...
-        by_bucket = rollups.totals(
-            granularity, start, end, ["bucket", "outcome", "error_type"], sums=_HISTOGRAM_SUMS, **filters
+        # One read (one scan on PostgreSQL) by (bucket, outcome, error_type) for the series, totals and
+        # errors by kind, and by each breakdown dimension with the outcome.
+        by_bucket, by_model, by_key, by_backend = rollups.totals_sets(
+            granularity,
+            start,
+            end,
+            [
+                ["bucket", "outcome", "error_type"],
+                ["model", "outcome"],
+                ["key_id", "outcome"],
+                ["backend", "outcome"],
+            ],
+            sums=_HISTOGRAM_SUMS,
+            **filters,
         )
-        # ... and one per breakdown dimension, without the histograms.
-        dims: dict[str, list[dict[str, Any]]] = {}
-        for name, column in (("model", "model"), ("key", "key_id"), ("backend", "backend")):
-            dims[name] = rollups.totals(
-                granularity, start, end, [column, "outcome"], sums=_SCALAR_SUMS, **filters
-            )
+        dims = {"model": by_model, "key": by_key, "backend": by_backend}
         callers_since, callers_until = start, end
         if model is None and backend is None and end - start >= timedelta(days=1):
             callers_since, callers_until = aligned_range(start, end, DAY)
