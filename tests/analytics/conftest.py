@@ -3,3 +3,7 @@
 from tests.conftest_db import backend, db_url, empty_db_url, engine, pg_migrated_url
 
 __all__ = ["backend", "db_url", "empty_db_url", "engine", "pg_migrated_url"]
+
+from tests.e2e_recording.conftest import app_for, fake_azure, settings_for
+
+__all__ += ["app_for", "fake_azure", "settings_for"]
