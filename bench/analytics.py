@@ -71,6 +71,7 @@ COLUMNS = (
     "client_ip",
     "conversation_id",
     "client_request_id",
+    "cost",
 )
 N = r"\N"
 
@@ -155,6 +156,7 @@ def _lines(start: int, count: int, now: datetime, days: int, rng: random.Random)
                     ip,
                     N,
                     N,
+                    f"{prompt * 2.5e-6 + completion * 1e-5:.9f}",
                 )
             )
         )

@@ -67,6 +67,8 @@ class UsageRow:
     total_tokens: int
     cached_tokens: int
     reasoning_tokens: int
+    # the sum of the priced requests' costs; None when none of the group's requests had prices
+    cost: float | None = None
 
 
 def _request_filters(stmt: Any, since: datetime, until: datetime, **equal: str | None) -> Any:
@@ -200,6 +202,7 @@ class RequestLogRepository:
             total(RequestLog.total_tokens).label("total_tokens"),
             total(RequestLog.cached_tokens).label("cached_tokens"),
             total(RequestLog.reasoning_tokens).label("reasoning_tokens"),
+            sa.func.sum(RequestLog.cost).label("cost"),  # NULL (not 0) when no row of the group is priced
         )
         stmt = _request_filters(
             stmt, since, until, key_id=key_id, model=model, client_request_id=client_request_id
@@ -223,6 +226,7 @@ class RequestLogRepository:
                     total_tokens=int(row["total_tokens"]),
                     cached_tokens=int(row["cached_tokens"]),
                     reasoning_tokens=int(row["reasoning_tokens"]),
+                    cost=float(row["cost"]) if row["cost"] is not None else None,
                 )
             )
         return rows
