@@ -631,7 +631,8 @@ def _rebuild_rollup(dialect: str, table: sa.Table, granularity: str, where: Sequ
         *_histogram_sums(sa.func.coalesce(log.c.latency_ms, 0.0), "latency_b"),
         *_histogram_sums(ttft, "ttft_b"),
     ).where(*where)
-    select = select.group_by(bucket, *(dim(d) for d in ROLLUP_DIMENSIONS))
+    # in bucket order: a range of buckets then lies on few pages, as the recorder's writes in time order do
+    select = select.group_by(bucket, *(dim(d) for d in ROLLUP_DIMENSIONS)).order_by(bucket)
     return sa.insert(table).from_select(["bucket", *ROLLUP_DIMENSIONS, *ROLLUP_SUMS], select)
 
 
@@ -660,7 +661,7 @@ def _rebuild_callers(dialect: str, where: Sequence[Any]) -> Any:
         sa.func.count(cost).label("priced"),
         total(cost).label("cost"),
     ).where(*where)
-    select = select.group_by(bucket, *(dim(d) for d in CALLER_DIMENSIONS))
+    select = select.group_by(bucket, *(dim(d) for d in CALLER_DIMENSIONS)).order_by(bucket)
     return sa.insert(USAGE_CALLERS_DAILY).from_select(["bucket", *CALLER_DIMENSIONS, *CALLER_SUMS], select)
 
 

@@ -340,19 +340,18 @@ def overview(
     filters = {"key_id": key_id, "model": model, "backend": backend}
     with session_scope(engine) as session:
         rollups = RollupRepository(session)
-        # One read (one scan on PostgreSQL) by (bucket, outcome, error_type) for the series, totals and
-        # errors by kind, and by each breakdown dimension with the outcome.
-        by_bucket, by_model, by_key, by_backend = rollups.totals_sets(
+        # The series, totals and errors by kind with the histograms; then the breakdowns without them,
+        # in one scan on PostgreSQL (grouping sets): aggregates are most of the cost, so each set gets
+        # only the sums it shows.
+        by_bucket = rollups.totals(
+            granularity, start, end, ["bucket", "outcome", "error_type"], sums=_HISTOGRAM_SUMS, **filters
+        )
+        by_model, by_key, by_backend = rollups.totals_sets(
             granularity,
             start,
             end,
-            [
-                ["bucket", "outcome", "error_type"],
-                ["model", "outcome"],
-                ["key_id", "outcome"],
-                ["backend", "outcome"],
-            ],
-            sums=_HISTOGRAM_SUMS,
+            [["model", "outcome"], ["key_id", "outcome"], ["backend", "outcome"]],
+            sums=_SCALAR_SUMS,
             **filters,
         )
         dims = {"model": by_model, "key": by_key, "backend": by_backend}
