@@ -109,15 +109,23 @@ _HISTOGRAM_SUMS = (*_SCALAR_SUMS, *LATENCY_COLUMNS, *TTFT_COLUMNS)
 # Ranges
 
 
+_LAST = datetime.max.replace(tzinfo=UTC)  # where rounding up past the calendar's end stops
+
+
 def ceil_hour(when: datetime) -> datetime:
-    """`when` rounded up to a whole UTC hour (unchanged when already on one)."""
+    """`when` rounded up to a whole UTC hour (unchanged when already on one; the calendar's last instant
+    when no later hour exists)."""
     start = floor_hour(when)
-    return start if start == when.astimezone(UTC) else start + timedelta(hours=1)
+    if start == when.astimezone(UTC):
+        return start
+    return start + timedelta(hours=1) if start < _LAST - timedelta(hours=1) else _LAST
 
 
 def ceil_day(when: datetime) -> datetime:
     start = floor_day(when)
-    return start if start == when.astimezone(UTC) else start + timedelta(days=1)
+    if start == when.astimezone(UTC):
+        return start
+    return start + timedelta(days=1) if start < _LAST - timedelta(days=1) else _LAST
 
 
 def _aware(when: datetime) -> datetime:
