@@ -54,6 +54,7 @@ class Resources:
     key_store: Any = None
     conversations: Any = None
     responses: Any = None  # llm_backend.services.responses.ResponsesService
+    console_sessions: Any = None  # llm_backend.services.sessions.ConsoleSessions
     limiter: Any = None
     metrics: Metrics = field(default_factory=Metrics)
     recorded_routes: frozenset[str] = frozenset()  # route templates of the model calls (POST /v1/…)
@@ -159,6 +160,14 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
     await owners.start()
     stack.push_async_callback(owners.stop)
     resources.responses = ResponsesService(resources.proxy, owners)
+    from llm_backend.services.sessions import ConsoleSessions
+
+    resources.console_sessions = ConsoleSessions(
+        resources.engine,
+        ttl_s=settings.console_session_ttl_s,
+        admin_key=settings.admin_key,
+        allow_local=settings.auth == "none" and not settings.admin_key,
+    )
     return resources
 
 
