@@ -1,4 +1,4 @@
-"""The `llm-backend` command: serve, migrate, keys, usage, prune, check-config."""
+"""The `llm-backend` command: serve, migrate, keys, usage, prune, rollups, check-config."""
 
 from __future__ import annotations
 
@@ -422,9 +422,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from llm_backend.db.migrate import parse_duration, prune
 
     older_than = parse_duration(args.older_than)
+    rollups = parse_duration(args.rollups_older_than) if args.rollups_older_than else None
+    if rollups is not None and rollups < older_than:
+        raise CliError(
+            "--rollups-older-than must not be shorter than --older-than (rollups outlive raw rows)"
+        )
     with _database() as engine:
-        deleted = prune(engine, older_than, include_conversations=args.conversations)
-    print(f"deleted {deleted} rows older than {args.older_than}")
+        deleted = prune(
+            engine, older_than, include_conversations=args.conversations, rollups_older_than=rollups
+        )
+    kept = f"; rollups older than {args.rollups_older_than} too" if rollups else "; usage rollups kept"
+    print(f"deleted {deleted} rows older than {args.older_than}{kept}")
+    return 0
+
+
+def cmd_rollups(args: argparse.Namespace) -> int:
+    from llm_backend.db.migrate import parse_duration
+    from llm_backend.db.repositories import RollupRepository
+    from llm_backend.db.session import session_scope
+
+    since = datetime.now(UTC) - parse_duration(args.since) if args.since else None
+    with _database() as engine, session_scope(engine, write=True) as session:
+        covered = RollupRepository(session).rebuild(since=since, keep_pruned=not args.all)
+    span = f"since {_cell(since)} (whole UTC days)" if since else "every day"
+    if not args.all:
+        span += " after the oldest request's day"
+    print(f"rebuilt usage rollups for {span} from the request log: {covered} requests")
     return 0
 
 
@@ -478,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("key_id")
     keys.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("usage", help="token and request totals from the request log")
+    p = sub.add_parser("usage", help="token and request totals (from the usage rollups)")
     p.add_argument("--since", default="30d", help="how far back (e.g. 7d, 24h); default 30d")
     p.add_argument("--group-by", default="key,model", help="comma list of key, model, day, user, backend")
     p.add_argument("--key", metavar="KEY", help="only this key (its id, or its name)")
@@ -489,7 +512,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="delete request-log rows older than a duration")
     p.add_argument("--older-than", required=True, help="e.g. 90d")
     p.add_argument("--conversations", action="store_true", help="also delete conversations idle that long")
+    p.add_argument(
+        "--rollups-older-than",
+        metavar="AGE",
+        help="also delete usage rollups older than this (e.g. 400d); default: keep them",
+    )
     p.set_defaults(func=cmd_prune)
+
+    rollups = sub.add_parser("rollups", help="the usage rollups that reports and the console read")
+    rs = rollups.add_subparsers(dest="rollups_command", required=True, metavar="ACTION")
+    r = rs.add_parser(
+        "rebuild",
+        help="recompute the rollups from the request log",
+        description="Recompute the usage rollups from the request log (whole UTC days; all of it by "
+        "default). Safe while serving: the recorder's rollup writes wait for it. The day of the oldest "
+        "request row and those before it are kept as they are (their raw rows may have been pruned) "
+        "unless --all is given.",
+    )
+    r.add_argument("--since", help="only days from this long ago on (e.g. 7d)")
+    r.add_argument(
+        "--all",
+        action="store_true",
+        help="also rebuild the oldest request's day and earlier (only if nothing was ever pruned)",
+    )
+    rollups.set_defaults(func=cmd_rollups)
     return parser
 
 

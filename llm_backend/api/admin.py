@@ -1,4 +1,4 @@
-"""Admin routes (admin key only): API keys, usage from the request log, backend routing state."""
+"""Admin routes (admin key only): API keys, usage and the request log (services.analytics), backend state."""
 
 from __future__ import annotations
 
@@ -126,22 +126,69 @@ async def list_requests(
     key_id: str | None = None,
     model: str | None = None,
     limit: int = 100,
+    backend: str | None = None,
+    outcome: str | None = None,
+    status_code: int | None = None,
+    user: str | None = None,
+    client_ip: str | None = None,
+    request_id: str | None = None,
+    cursor: str | None = None,
 ) -> Response:
     res = _require_admin()
-    from llm_backend.services.usage import request_list
+    from llm_backend.services.analytics import InvalidCursor, RequestFilter, request_page
 
     start, end = _window(since, until)
-    rows = await asyncio.to_thread(
-        request_list,
-        res.engine,
-        start,
-        end,
-        client_request_id=client_request_id,
+    filters = RequestFilter(
+        since=start,
+        until=end,
         key_id=key_id,
         model=model,
-        limit=limit,
+        backend=backend,
+        outcome=outcome,
+        status_code=status_code,
+        user=user,
+        client_ip=client_ip,
+        request_id=request_id,
+        client_request_id=client_request_id,
     )
-    return json_response({"object": "list", "data": rows})
+    try:
+        page = await asyncio.to_thread(request_page, res.engine, filters, limit=limit, cursor=cursor)
+    except InvalidCursor:
+        raise InvalidRequest(
+            "Invalid value for 'cursor': use the next_cursor of a previous page.",
+            param="cursor",
+            code="invalid_value",
+        ) from None
+    return json_response(page.to_dict())
+
+
+async def get_overview(
+    since: str | None = None,
+    until: str | None = None,
+    granularity: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+    backend: str | None = None,
+    top: int = 10,
+) -> Response:
+    res = _require_admin()
+    from llm_backend.services.analytics import overview
+
+    start, end = _window(since or "24h", until)
+    if end <= start:
+        raise InvalidRequest("'until' must be after 'since'.", param="until", code="invalid_value")
+    data = await asyncio.to_thread(
+        overview,
+        res.engine,
+        since=start,
+        until=end,
+        granularity=granularity,
+        key_id=key_id,
+        model=model,
+        backend=backend,
+        top=top,
+    )
+    return json_response({"object": "usage.overview", **data.to_dict()})
 
 
 async def list_backends() -> Response:

@@ -622,7 +622,7 @@ async def request_page(request_id: str) -> Response:
     async def page() -> Response:
         session, new_token = await _session()
         res = resources()
-        from llm_backend.services.usage import request_detail
+        from llm_backend.services.analytics import request_detail
 
         record = await asyncio.to_thread(request_detail, res.engine, request_id)
         if record is None:

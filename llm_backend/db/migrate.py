@@ -109,14 +109,18 @@ def prune(
     *,
     include_conversations: bool = False,
     batch_size: int = 10_000,
+    rollups_older_than: timedelta | None = None,
 ) -> int:
     """Delete request_log rows created before now - `older_than` (in batches); returns rows deleted.
 
     With `include_conversations`, conversations not updated since then go too (their messages cascade)
-    and are counted in the result.
+    and are counted in the result. The usage rollups are kept (reports over pruned days still add up);
+    with `rollups_older_than`, rollup buckets older than that go too (counted in the result).
     """
     if older_than <= timedelta(0):
         raise ValueError("older_than must be positive")
+    if rollups_older_than is not None and rollups_older_than <= timedelta(0):
+        raise ValueError("rollups_older_than must be positive")
     cutoff = utcnow() - older_than
     targets: list[tuple[Any, Any, Any]] = [
         (RequestLog.request_id, RequestLog.created_at < cutoff, RequestLog.__table__)
@@ -133,5 +137,11 @@ def prune(
             deleted += count
             if count < batch_size:
                 break
+    if rollups_older_than is not None:
+        from llm_backend.db.repositories import RollupRepository
+        from llm_backend.db.session import session_scope
+
+        with session_scope(engine, write=True) as session:
+            deleted += RollupRepository(session).prune(utcnow() - rollups_older_than)
     logger.info("pruned %d rows older than %s", deleted, cutoff.isoformat())
     return deleted

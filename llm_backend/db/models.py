@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: the request log, conversations and their messages, and api keys."""
+"""SQLAlchemy 2 models: the request log and its rollups, conversations and their messages, and api keys."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ class RequestLog(Base):
         sa.Index("ix_request_log_model_created_at", "model", "created_at"),
         sa.Index("ix_request_log_conversation_id", "conversation_id"),
         sa.Index("ix_request_log_client_request_id", "client_request_id"),
+        # the request log page's filters (newest first within each)
+        sa.Index("ix_request_log_backend_created_at", "backend", "created_at"),
+        sa.Index("ix_request_log_outcome_created_at", "outcome", "created_at"),
+        sa.Index("ix_request_log_user_created_at", "user", "created_at"),
+        sa.Index("ix_request_log_client_ip_created_at", "client_ip", "created_at"),
     )
 
 
@@ -197,6 +202,89 @@ class ConsoleSession(Base):
         sa.Index("ix_console_sessions_expires_at", "expires_at"),
         sa.Index("ix_console_sessions_subject", "subject"),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollups: totals per time bucket that the recorder keeps in the same transaction as the request_log rows it
+# inserts (llm_backend.recording.rollups); what usage reports and the console's overview read. Dimensions
+# are NOT NULL, '' standing for "none" (a unique key over NULLs would not merge them on every backend).
+
+#: Upper bounds (ms) of the latency and time-to-first-token histogram buckets; one more bucket above the
+#: last bound. Changing them needs a migration (each bucket is a column) and a rebuild of the rollups.
+LATENCY_BOUNDS_MS: tuple[int, ...] = (
+    50, 100, 200, 350, 500, 750, 1000, 1500, 2000, 3000, 5000, 8000, 15000, 30000, 60000,
+)  # fmt: skip
+HISTOGRAM_BUCKETS = len(LATENCY_BOUNDS_MS) + 1
+LATENCY_COLUMNS = tuple(f"latency_b{i:02d}" for i in range(HISTOGRAM_BUCKETS))
+TTFT_COLUMNS = tuple(f"ttft_b{i:02d}" for i in range(HISTOGRAM_BUCKETS))
+
+#: Dimensions of usage_hourly / usage_daily (the unique key with `bucket`).
+ROLLUP_DIMENSIONS = ("model", "key_id", "backend", "operation", "outcome", "error_type")
+#: Dimensions of usage_callers_daily: who called (end user and address within a key).
+CALLER_DIMENSIONS = ("key_id", "user", "client_ip")
+#: Summed columns of usage_hourly / usage_daily, in order.
+ROLLUP_SUMS = (
+    "requests",
+    "estimated",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "priced",  # requests that had a cost (prices configured for their model)
+    "cost",
+    "latency_ms_sum",
+    "ttft_count",  # requests that had a time to first token (streams)
+    "ttft_ms_sum",
+    *LATENCY_COLUMNS,
+    *TTFT_COLUMNS,
+)
+#: Summed columns of usage_callers_daily.
+CALLER_SUMS = (
+    "requests",
+    "errors",
+    "estimated",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "priced",
+    "cost",
+)
+_FLOAT_SUMS = frozenset({"cost", "latency_ms_sum", "ttft_ms_sum"})
+_DIMENSION_LENGTHS = {
+    "model": 255,
+    "key_id": 64,
+    "backend": 255,
+    "operation": 32,
+    "outcome": 32,
+    "error_type": 255,
+    "user": 255,
+    "client_ip": 64,
+}
+
+
+def _sum_column(name: str) -> sa.Column[Any]:
+    kind: Any = sa.Float() if name in _FLOAT_SUMS else sa.BigInteger()
+    return sa.Column(name, kind, nullable=False, server_default=sa.text("0"))
+
+
+def _rollup_table(name: str, dimensions: tuple[str, ...], sums: tuple[str, ...]) -> sa.Table:
+    """A rollup table: its primary key is the bucket start and the dimensions (what upserts conflict on,
+    and what a range of buckets is read by)."""
+    return sa.Table(
+        name,
+        Base.metadata,
+        sa.Column("bucket", UTCDateTime(), primary_key=True),
+        *(sa.Column(d, sa.String(_DIMENSION_LENGTHS[d]), primary_key=True) for d in dimensions),
+        *(_sum_column(s) for s in sums),
+    )
+
+
+USAGE_HOURLY = _rollup_table("usage_hourly", ROLLUP_DIMENSIONS, ROLLUP_SUMS)
+USAGE_DAILY = _rollup_table("usage_daily", ROLLUP_DIMENSIONS, ROLLUP_SUMS)
+USAGE_CALLERS_DAILY = _rollup_table("usage_callers_daily", CALLER_DIMENSIONS, CALLER_SUMS)
 
 
 # ---------------------------------------------------------------------------------------------------------

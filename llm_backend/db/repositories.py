@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import builtins
 import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +20,20 @@ from sqlalchemy.orm import Session, selectinload
 
 from llm_backend.db.base import utcnow
 from llm_backend.db.ids import new_uuid7
-from llm_backend.db.models import ApiKey, Conversation, Message, RequestLog
+from llm_backend.db.models import (
+    CALLER_DIMENSIONS,
+    CALLER_SUMS,
+    LATENCY_BOUNDS_MS,
+    ROLLUP_DIMENSIONS,
+    ROLLUP_SUMS,
+    USAGE_CALLERS_DAILY,
+    USAGE_DAILY,
+    USAGE_HOURLY,
+    ApiKey,
+    Conversation,
+    Message,
+    RequestLog,
+)
 from llm_backend.recording.threading import normalize_message, transcript_hash
 
 logger = logging.getLogger(__name__)
@@ -80,10 +94,15 @@ class RequestLogRepository:
             found.update(self.session.scalars(stmt))
         return found
 
-    def insert_ignore(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert rows (column name → value); rows whose request_id exists already are left as they are."""
+    def insert_ignore(self, rows: Sequence[Mapping[str, Any]], *, rollups: bool = True) -> set[str]:
+        """Insert rows (column name → value); rows whose request_id exists already are left as they are.
+
+        Returns the request ids this statement inserted (RETURNING: a row another transaction stored first
+        is not among them). With `rollups`, exactly those rows are added to the usage rollups in the same
+        transaction, so a replayed or retried record is never counted twice.
+        """
         if not rows:
-            return
+            return set()
         unknown = set().union(*(r.keys() for r in rows)) - _REQUEST_LOG_COLUMNS
         if unknown:
             raise ValueError(f"unknown request_log columns: {sorted(unknown)}")
@@ -91,17 +110,24 @@ class RequestLogRepository:
         unique = list({r["request_id"]: r for r in reversed(rows)}.values())[::-1]
         dialect = self.session.get_bind().dialect.name
         table: Any = RequestLog.__table__
-        if dialect == "postgresql":
-            pg_stmt = postgresql.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
-            self.session.execute(pg_stmt, unique)
-        elif dialect == "sqlite":
-            lite_stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=["request_id"])
-            self.session.execute(lite_stmt, unique)
+        inserted: set[str]
+        if dialect in ("postgresql", "sqlite"):
+            insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+            stmt = (
+                insert(table)
+                .on_conflict_do_nothing(index_elements=["request_id"])
+                .returning(table.c.request_id)
+            )
+            inserted = set(self.session.scalars(stmt, unique))
         else:  # portable fallback: skip what exists (not safe against concurrent writers of the same ids)
             existing = self.existing_ids(r["request_id"] for r in unique)
             new_rows = [r for r in unique if r["request_id"] not in existing]
             if new_rows:
                 self.session.execute(sa.insert(table), new_rows)
+            inserted = {r["request_id"] for r in new_rows}
+        if rollups and inserted:
+            RollupRepository(self.session).add(r for r in unique if r["request_id"] in inserted)
+        return inserted
 
     def get(self, request_id: str) -> RequestLog | None:
         return self.session.get(RequestLog, request_id)
@@ -200,6 +226,383 @@ class RequestLogRepository:
                 )
             )
         return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollups (usage_hourly, usage_daily, usage_callers_daily)
+
+HOUR = "hour"
+DAY = "day"
+_ROLLUP_TABLES: dict[str, sa.Table] = {HOUR: USAGE_HOURLY, DAY: USAGE_DAILY}
+_N_SUMS = len(ROLLUP_SUMS)
+_SUM_INDEX = {name: i for i, name in enumerate(ROLLUP_SUMS)}
+_LAT0 = _SUM_INDEX["latency_b00"]
+_TTFT0 = _SUM_INDEX["ttft_b00"]
+_N_CALLER_SUMS = len(CALLER_SUMS)
+
+
+def floor_hour(when: datetime) -> datetime:
+    """The start of the UTC hour `when` falls in (naive times are UTC)."""
+    when = _aware(when).astimezone(UTC)
+    return when.replace(minute=0, second=0, microsecond=0)
+
+
+def floor_day(when: datetime) -> datetime:
+    """The start (00:00 UTC) of the UTC day `when` falls in."""
+    return floor_hour(when).replace(hour=0)
+
+
+def _bucket_index(value: float) -> int:
+    """The histogram bucket of a duration in ms: the first whose upper bound is not below it."""
+    return bisect.bisect_left(LATENCY_BOUNDS_MS, value)
+
+
+def _rollup_key_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def accumulate(rows: Iterable[Mapping[str, Any]]) -> tuple[dict[tuple[Any, ...], list[Any]], ...]:
+    """The increments a set of request_log rows (as inserted) adds to the hourly, daily and caller rollups:
+    three dicts of (bucket, *dimensions) -> sums in ROLLUP_SUMS / CALLER_SUMS order."""
+    hourly: dict[tuple[Any, ...], list[Any]] = {}
+    daily: dict[tuple[Any, ...], list[Any]] = {}
+    callers: dict[tuple[Any, ...], list[Any]] = {}
+    text = _rollup_key_text
+    for row in rows:
+        hour = floor_hour(row["created_at"])
+        day = hour.replace(hour=0)
+        dims = (
+            text(row.get("model")),
+            text(row.get("key_id")),
+            text(row.get("backend")),
+            text(row.get("operation")),
+            text(row.get("outcome")),
+            text(row.get("error_type")),
+        )
+        prompt = row.get("prompt_tokens") or 0
+        completion = row.get("completion_tokens") or 0
+        total = row.get("total_tokens") or 0
+        cost = row.get("cost")
+        latency = float(row.get("latency_ms") or 0.0)
+        ttft = row.get("ttft_ms")
+        lat_at = _LAT0 + _bucket_index(latency)
+        for table, bucket in ((hourly, hour), (daily, day)):
+            acc = table.get((bucket, *dims))
+            if acc is None:
+                acc = table[(bucket, *dims)] = [0] * _N_SUMS
+            acc[0] += 1
+            acc[1] += 1 if row.get("tokens_estimated") else 0
+            acc[2] += prompt
+            acc[3] += completion
+            acc[4] += total
+            acc[5] += row.get("cached_tokens") or 0
+            acc[6] += row.get("reasoning_tokens") or 0
+            if cost is not None:
+                acc[7] += 1
+                acc[8] += float(cost)
+            acc[9] += latency
+            if ttft is not None:
+                acc[10] += 1
+                acc[11] += float(ttft)
+                acc[_TTFT0 + _bucket_index(float(ttft))] += 1
+            acc[lat_at] += 1
+        ckey = (day, dims[1], text(row.get("user")), text(row.get("client_ip")))
+        cacc = callers.get(ckey)
+        if cacc is None:
+            cacc = callers[ckey] = [0] * _N_CALLER_SUMS
+        cacc[0] += 1
+        cacc[1] += 0 if row.get("outcome") == "ok" else 1
+        cacc[2] += 1 if row.get("tokens_estimated") else 0
+        cacc[3] += prompt
+        cacc[4] += completion
+        cacc[5] += total
+        cacc[6] += row.get("cached_tokens") or 0
+        cacc[7] += row.get("reasoning_tokens") or 0
+        if cost is not None:
+            cacc[8] += 1
+            cacc[9] += float(cost)
+    return hourly, daily, callers
+
+
+_UPSERTS: dict[tuple[str, str], Any] = {}
+
+
+def _upsert(dialect: str, table: sa.Table, sums: Sequence[str]) -> Any:
+    """INSERT … ON CONFLICT (primary key) DO UPDATE SET each sum = stored + new: atomic per row on both
+    PostgreSQL (the conflicting row is locked, a concurrent writer's increment waits and then adds) and
+    SQLite (one writer at a time)."""
+    stmt = _UPSERTS.get((dialect, table.name))
+    if stmt is None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        ins = insert(table)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[c.name for c in table.primary_key.columns],
+            set_={name: table.c[name] + ins.excluded[name] for name in sums},
+        )
+        _UPSERTS[(dialect, table.name)] = stmt
+    return stmt
+
+
+class RollupRepository:
+    """The usage rollups: increments from inserted request_log rows, rebuilds from the log, reads, pruning."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Add request_log rows just inserted in this transaction to the rollups (upserts in key order,
+        so concurrent writers lock rollup rows in one order and never deadlock on them)."""
+        dialect = self.session.get_bind().dialect.name
+        if dialect not in ("postgresql", "sqlite"):
+            raise RuntimeError(f"rollups need PostgreSQL or SQLite, not {dialect}")
+        hourly, daily, callers = accumulate(rows)
+        for table, dims, sums, acc in (
+            (USAGE_HOURLY, ROLLUP_DIMENSIONS, ROLLUP_SUMS, hourly),
+            (USAGE_DAILY, ROLLUP_DIMENSIONS, ROLLUP_SUMS, daily),
+            (USAGE_CALLERS_DAILY, CALLER_DIMENSIONS, CALLER_SUMS, callers),
+        ):
+            if not acc:
+                continue
+            names = ("bucket", *dims, *sums)
+            params = [dict(zip(names, (*key, *values), strict=True)) for key, values in sorted(acc.items())]
+            self.session.execute(_upsert(dialect, table, sums), params)
+
+    def lock(self) -> None:
+        """Hold off every recorder's rollup writes until this transaction ends (PostgreSQL: EXCLUSIVE locks
+        conflict with the writers' ROW EXCLUSIVE; SQLite: the write transaction already excludes them)."""
+        if self.session.get_bind().dialect.name == "postgresql":
+            self.session.execute(
+                sa.text("LOCK TABLE usage_hourly, usage_daily, usage_callers_daily IN EXCLUSIVE MODE")
+            )
+
+    def rebuild(
+        self, since: datetime | None = None, until: datetime | None = None, *, keep_pruned: bool = True
+    ) -> int:
+        """Recompute the rollups of whole UTC days in [since, until) (default: all) from request_log;
+        returns the requests they now cover. Run it in a write transaction of its own: it locks the
+        rollups, deletes those buckets and sums the log again with one INSERT … SELECT per table.
+
+        With `keep_pruned` the days up to and including the oldest raw row's day are left as they are:
+        their raw rows may have been pruned (in part), and the rollups are then all that is left of them.
+        """
+        self.lock()
+        start = floor_day(since) if since else None
+        end = None
+        if until is not None:
+            end = floor_day(until)
+            if end != _aware(until).astimezone(UTC):
+                end += timedelta(days=1)
+        if keep_pruned:
+            oldest = self.session.scalar(sa.select(sa.func.min(RequestLog.created_at)))
+            if oldest is None:
+                return 0
+            first_whole = floor_day(_aware(oldest)) + timedelta(days=1)
+            start = max(start, first_whole) if start else first_whole
+        if start is not None and end is not None and end <= start:
+            return 0
+        for table in (USAGE_HOURLY, USAGE_DAILY, USAGE_CALLERS_DAILY):
+            stmt = sa.delete(table)
+            if start is not None:
+                stmt = stmt.where(table.c.bucket >= start)
+            if end is not None:
+                stmt = stmt.where(table.c.bucket < end)
+            self.session.execute(stmt)
+        log = RequestLog.__table__
+        where = []
+        if start is not None:
+            where.append(log.c.created_at >= start)
+        if end is not None:
+            where.append(log.c.created_at < end)
+        for granularity, table in _ROLLUP_TABLES.items():
+            self.session.execute(_rebuild_rollup(self._dialect(), table, granularity, where))
+        self.session.execute(_rebuild_callers(self._dialect(), where))
+        count = sa.select(sa.func.coalesce(sa.func.sum(USAGE_DAILY.c.requests), 0))
+        if start is not None:
+            count = count.where(USAGE_DAILY.c.bucket >= start)
+        if end is not None:
+            count = count.where(USAGE_DAILY.c.bucket < end)
+        return int(self.session.scalar(count) or 0)
+
+    def prune(self, before: datetime) -> int:
+        """Delete rollup rows of buckets that start before `before` (whole hours / days); rows deleted."""
+        deleted = 0
+        for table, cutoff in (
+            (USAGE_HOURLY, floor_hour(before)),
+            (USAGE_DAILY, floor_day(before)),
+            (USAGE_CALLERS_DAILY, floor_day(before)),
+        ):
+            result = self.session.execute(sa.delete(table).where(table.c.bucket < cutoff))
+            deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted
+
+    def _dialect(self) -> str:
+        return self.session.get_bind().dialect.name
+
+    def totals(
+        self,
+        granularity: str,
+        since: datetime,
+        until: datetime,
+        group_by: Sequence[str],
+        *,
+        sums: Sequence[str] = ROLLUP_SUMS,
+        **equal: str | None,
+    ) -> list[dict[str, Any]]:
+        """Sums of the rollup of `granularity` over buckets in [since, until), grouped by `bucket` and/or
+        dimensions, filtered by dimension values (None: any; '' matches rows without one). Dimension values
+        come back as None where the rollup holds ''."""
+        table = _ROLLUP_TABLES[granularity]
+        return _grouped(self.session, table, since, until, group_by, sums, equal)
+
+    def caller_totals(
+        self,
+        since: datetime,
+        until: datetime,
+        group_by: Sequence[str],
+        *,
+        order_by: str | None = "requests",
+        limit: int | None = None,
+        **equal: str | None,
+    ) -> list[dict[str, Any]]:
+        """Sums of usage_callers_daily over days in [since, until), grouped by key_id/user/client_ip,
+        largest `order_by` first (at most `limit` groups)."""
+        return _grouped(
+            self.session, USAGE_CALLERS_DAILY, since, until, group_by, CALLER_SUMS, equal, order_by, limit
+        )
+
+
+def _grouped(
+    session: Session,
+    table: sa.Table,
+    since: datetime,
+    until: datetime,
+    group_by: Sequence[str],
+    sums: Sequence[str],
+    equal: Mapping[str, str | None],
+    order_by: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    groups = [table.c[g] for g in group_by]
+    stmt = sa.select(*groups, *(sa.func.sum(table.c[s]).label(s) for s in sums)).where(
+        table.c.bucket >= since, table.c.bucket < until
+    )
+    for column, value in equal.items():
+        if value is not None:
+            stmt = stmt.where(table.c[column] == value)
+    if groups:
+        stmt = stmt.group_by(*groups)
+    if order_by is not None:
+        stmt = stmt.order_by(sa.desc(sa.literal_column(order_by)), *groups)
+    elif groups:
+        stmt = stmt.order_by(*groups)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    out = []
+    for row in session.execute(stmt).mappings():
+        item = dict(row)
+        for g in group_by:
+            if g == "bucket":
+                item[g] = _aware(item[g])
+            elif item[g] == "":
+                item[g] = None
+        for s in sums:
+            item[s] = item[s] or 0
+        out.append(item)
+    return out
+
+
+def _bucket_expr(dialect: str, granularity: str) -> Any:
+    created = RequestLog.__table__.c.created_at
+    if dialect == "postgresql":
+        utc: Any = sa.literal_column("'UTC'")
+        unit: Any = sa.literal_column(
+            f"'{granularity}'"
+        )  # literals: GROUP BY must repeat the same expression
+        return sa.func.date_trunc(unit, sa.func.timezone(utc, created)).op("AT TIME ZONE")(utc)
+    # SQLite keeps UTC text "YYYY-MM-DD HH:MM:SS.ffffff": the bucket start in the same form
+    if granularity == HOUR:
+        return sa.func.substr(created, 1, 13).concat(sa.literal_column("':00:00.000000'"))
+    return sa.func.substr(created, 1, 10).concat(sa.literal_column("' 00:00:00.000000'"))
+
+
+def _histogram_sums(column: Any, prefix: str) -> list[Any]:
+    """Per-bucket counts of `column` (bucket i: above bound i-1, up to bound i; the last: above all)."""
+    out = []
+    lower: int | None = None
+    for i, upper in enumerate((*LATENCY_BOUNDS_MS, None)):
+        cond = []
+        if lower is not None:
+            cond.append(column > lower)
+        if upper is not None:
+            cond.append(column <= upper)
+        out.append(
+            sa.func.coalesce(sa.func.sum(sa.case((sa.and_(*cond), 1), else_=0)), 0).label(f"{prefix}{i:02d}")
+        )
+        lower = upper
+    return out
+
+
+def _rebuild_rollup(dialect: str, table: sa.Table, granularity: str, where: Sequence[Any]) -> Any:
+    log = RequestLog.__table__
+    bucket = _bucket_expr(dialect, granularity)
+
+    def dim(name: str) -> Any:
+        return sa.func.coalesce(log.c[name], sa.literal_column("''"))
+
+    def total(col: Any) -> Any:
+        return sa.func.coalesce(sa.func.sum(col), 0)
+
+    cost = log.c.cost if "cost" in log.c else sa.cast(sa.null(), sa.Float())
+    ttft = log.c.ttft_ms
+    select = sa.select(
+        bucket.label("bucket"),
+        *(dim(d).label(d) for d in ROLLUP_DIMENSIONS),
+        sa.func.count().label("requests"),
+        total(sa.case((log.c.tokens_estimated, 1), else_=0)).label("estimated"),
+        total(log.c.prompt_tokens).label("prompt_tokens"),
+        total(log.c.completion_tokens).label("completion_tokens"),
+        total(log.c.total_tokens).label("total_tokens"),
+        total(log.c.cached_tokens).label("cached_tokens"),
+        total(log.c.reasoning_tokens).label("reasoning_tokens"),
+        sa.func.count(cost).label("priced"),
+        total(cost).label("cost"),
+        total(log.c.latency_ms).label("latency_ms_sum"),
+        sa.func.count(ttft).label("ttft_count"),
+        total(ttft).label("ttft_ms_sum"),
+        *_histogram_sums(sa.func.coalesce(log.c.latency_ms, 0.0), "latency_b"),
+        *_histogram_sums(ttft, "ttft_b"),
+    ).where(*where)
+    select = select.group_by(bucket, *(dim(d) for d in ROLLUP_DIMENSIONS))
+    return sa.insert(table).from_select(["bucket", *ROLLUP_DIMENSIONS, *ROLLUP_SUMS], select)
+
+
+def _rebuild_callers(dialect: str, where: Sequence[Any]) -> Any:
+    log = RequestLog.__table__
+    bucket = _bucket_expr(dialect, DAY)
+
+    def dim(name: str) -> Any:
+        return sa.func.coalesce(log.c[name], sa.literal_column("''"))
+
+    def total(col: Any) -> Any:
+        return sa.func.coalesce(sa.func.sum(col), 0)
+
+    cost = log.c.cost if "cost" in log.c else sa.cast(sa.null(), sa.Float())
+    select = sa.select(
+        bucket.label("bucket"),
+        *(dim(d).label(d) for d in CALLER_DIMENSIONS),
+        sa.func.count().label("requests"),
+        total(sa.case((log.c.outcome != "ok", 1), else_=0)).label("errors"),
+        total(sa.case((log.c.tokens_estimated, 1), else_=0)).label("estimated"),
+        total(log.c.prompt_tokens).label("prompt_tokens"),
+        total(log.c.completion_tokens).label("completion_tokens"),
+        total(log.c.total_tokens).label("total_tokens"),
+        total(log.c.cached_tokens).label("cached_tokens"),
+        total(log.c.reasoning_tokens).label("reasoning_tokens"),
+        sa.func.count(cost).label("priced"),
+        total(cost).label("cost"),
+    ).where(*where)
+    select = select.group_by(bucket, *(dim(d) for d in CALLER_DIMENSIONS))
+    return sa.insert(USAGE_CALLERS_DAILY).from_select(["bucket", *CALLER_DIMENSIONS, *CALLER_SUMS], select)
 
 
 # ---------------------------------------------------------------------------------------------------------

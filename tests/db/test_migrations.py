@@ -16,7 +16,17 @@ from llm_backend.db import migrate, schema
 from llm_backend.db.models import Base, Conversation, RequestLog
 from llm_backend.db.session import make_engine, session_scope
 
-TABLES = {"request_log", "conversations", "messages", "api_keys", "response_owners", "console_sessions"}
+TABLES = {
+    "request_log",
+    "conversations",
+    "messages",
+    "api_keys",
+    "response_owners",
+    "usage_hourly",
+    "usage_daily",
+    "usage_callers_daily",
+    "console_sessions",
+}
 
 
 def _tables(engine: Engine) -> set[str]:
