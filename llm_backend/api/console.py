@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import mimetypes
+import os
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from llm_backend.api.common import caller, resources
 from llm_backend.console import views
 from llm_backend.console.render import STATIC, render
+from llm_backend.db.session import DatabaseUnavailable
 from llm_backend.errors import GatewayError
 from llm_backend.services.sessions import LOCAL_METHOD, SESSION_COOKIE, ConsoleSession
 
@@ -188,6 +190,11 @@ async def _guarded(coro: Any) -> Response:
         return result
     except _SignIn as refusal:
         return refusal.response
+    except DatabaseUnavailable:
+        logger.warning("console page %s: the database is unreachable", request.scope.get("path"))
+        page = _refused("The database is unreachable; the console will work again once it is back.", 503)
+        page.headers["Retry-After"] = "5"
+        return page
 
 
 # -- sign-in and sign-out ----------------------------------------------------------------------------------
@@ -310,6 +317,10 @@ def _model_names() -> list[str]:
     return [m.name for m in resources().router.models]
 
 
+def _backend_names() -> list[str]:
+    return sorted({s.name for s in resources().router.states.values()})
+
+
 async def create_key(body: dict[str, Any] | None = None) -> Response:
     async def work() -> Response:
         form = _form(body)
@@ -414,7 +425,6 @@ async def backends_page() -> Response:
         models: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             models.setdefault(str(row["model"]), []).append(row)
-        import os
 
         return _page(
             "backends.html",
@@ -422,7 +432,7 @@ async def backends_page() -> Response:
             new_token,
             models=models,
             worker=os.getpid(),
-            recent_minutes=int(views.RECENT.total_seconds() // 60),
+            recent_since=(datetime.now(UTC) - views.RECENT).replace(minute=0, second=0, microsecond=0),
         )
 
     return await _guarded(page())
@@ -547,14 +557,32 @@ async def export_conversation(conversation_id: str, format: str = "markdown") ->
 
 
 async def overview(
-    range: str | None = None, since: str | None = None, until: str | None = None, bucket: str | None = None
+    range: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    bucket: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+    backend: str | None = None,
 ) -> Response:
     async def page() -> Response:
         session, new_token = await _session()
         window = views.Window.parse(range, since, until, bucket)
         res = resources()
-        data = await asyncio.to_thread(views.overview, res.engine, window, res.key_store)
-        return _page("overview.html", session, new_token, window=window, data=data)
+        filters = {"key_id": key_id or None, "model": model or None, "backend": backend or None}
+        data = await asyncio.to_thread(views.overview, res.engine, window, filters)
+        keys = await asyncio.to_thread(res.key_store.list) if res.key_store else []
+        return _page(
+            "overview.html",
+            session,
+            new_token,
+            window=window,
+            data=data,
+            filters={k: v or "" for k, v in filters.items()},
+            keys=keys,
+            models=_model_names(),
+            backends=_backend_names(),
+        )
 
     return await _guarded(page())
 
@@ -612,7 +640,7 @@ async def requests_page(
             error=error,
             keys=keys,
             models=_model_names(),
-            backends=sorted({s.name for s in res.router.states.values()}),
+            backends=_backend_names(),
         )
 
     return await _guarded(page())

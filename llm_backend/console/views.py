@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from llm_backend.errors import InvalidRequest
 from llm_backend.services.usage import usage_report
 
 LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
-RECENT = timedelta(minutes=15)  # the window of a backend's "recent" error rate in the request log
+PAGE_SIZE = 50  # request log rows per page
+RECENT = timedelta(hours=1)  # a backend's "recent" error rate: the request log's rollups since then
 
 
 def day_start(now: datetime) -> datetime:
@@ -99,7 +102,7 @@ def backend_rows(router: Any, engine: Any, now: datetime | None = None) -> list[
     now = now or datetime.now(UTC)
     recent: dict[tuple[str | None, str | None], dict[str, Any]] = {}
     if engine is not None:
-        for r in usage_report(engine, now - RECENT, now, ["model", "backend"]):
+        for r in usage_report(engine, now - RECENT, now, ["model", "backend"]):  # whole hours
             recent[(r["model"], r["backend"])] = r
     rows = []
     for s in router.snapshot():
@@ -208,72 +211,168 @@ class Window:
         return out
 
 
-def _key_names(key_store: Any) -> dict[str, str]:
-    return {k["id"]: f"{k['name']} ({k['prefix']}…)" for k in key_store.list()} if key_store else {}
-
-
-def overview(engine: Any, window: Window, key_store: Any) -> dict[str, Any]:
-    """Totals, series per bucket and breakdowns of the window, for the overview page."""
+def overview(engine: Any, window: Window, filters: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """The overview page: services/analytics.py's overview of the window, with its charts drawn."""
     from llm_backend.console.charts import Bar, Series, bar_chart, time_chart
+    from llm_backend.services.analytics import overview as analytics_overview
 
-    buckets = window.buckets()
-    names = _key_names(key_store)
-    total = usage_report(engine, window.start, window.end, [])
-    totals = total[0] if total else {}
-    per_day = {r["day"]: r for r in usage_report(engine, window.start, window.end, ["day"])}
-    days = [b for b in buckets] if not window.hourly else []
-    series_rows = [per_day.get(b.strftime("%Y-%m-%d"), {}) for b in days]
+    f = filters or {}
+    data = analytics_overview(
+        engine,
+        since=window.start,
+        until=window.end,
+        granularity=window.bucket,
+        key_id=f.get("key_id"),
+        model=f.get("model"),
+        backend=f.get("backend"),
+    )
+    buckets = [p.start for p in data.series]
+    hourly = data.granularity == "hour"
 
-    def col(name: str) -> list[float | None]:
-        return [float(r.get(name, 0)) for r in series_rows]
+    def col(name: str, *, zero_is_none: bool = False) -> list[float | None]:
+        out: list[float | None] = []
+        for p in data.series:
+            v = getattr(p.totals, name)
+            out.append(None if v is None or (zero_is_none and not v) else float(v))
+        return out
 
+    kinds = [e.kind for e in data.errors_by_kind]
     charts = [
         time_chart(
             "Requests",
-            days,
+            buckets,
             [Series("requests", col("requests")), Series("errors", col("errors"))],
-            hourly=False,
+            hourly=hourly,
             kind="bars",
         ),
         time_chart(
             "Tokens",
-            days,
-            [Series("prompt", col("prompt_tokens")), Series("completion", col("completion_tokens"))],
-            hourly=False,
+            buckets,
+            [
+                Series("prompt", col("prompt_tokens")),
+                Series("completion", col("completion_tokens")),
+                Series("cached", col("cached_tokens")),
+                Series("reasoning", col("reasoning_tokens")),
+            ],
+            hourly=hourly,
+        ),
+        time_chart(
+            "Latency",
+            buckets,
+            [Series("p50", col("latency_p50_ms")), Series("p95", col("latency_p95_ms"))],
+            unit="ms",
+            hourly=hourly,
+        ),
+        time_chart(
+            "Time to first token (streams)",
+            buckets,
+            [Series("p50", col("ttft_p50_ms")), Series("p95", col("ttft_p95_ms"))],
+            unit="ms",
+            hourly=hourly,
         ),
     ]
+    if data.totals.cost is not None:
+        charts.append(time_chart("Spend", buckets, [Series("spend", col("cost"))], unit="$", hourly=hourly))
+    if kinds:
+        charts.append(
+            time_chart(
+                "Errors by kind",
+                buckets,
+                [
+                    Series(kind, [float(p.errors_by_kind.get(kind, 0)) for p in data.series])
+                    for kind in list(dict.fromkeys(kinds))[:6]
+                ],
+                hourly=hourly,
+                kind="bars",
+            )
+        )
     breakdowns = []
-    for group, title in (
+    for name, title in (
         ("model", "By model"),
         ("key", "By key"),
         ("user", "By end user"),
+        ("client_ip", "By client IP"),
         ("backend", "By backend"),
     ):
-        rows = usage_report(engine, window.start, window.end, [group])
-        field = "key_id" if group == "key" else group
+        rows = data.breakdowns.get(name, [])
         bars = [
             Bar(
-                names.get(r[field], r[field]) if group == "key" and r[field] else (r[field] or "(none)"),
-                r["requests"],
+                r.label or r.value or "(none)",
+                r.requests,
+                note=f"· {r.total_tokens:,} tokens" + (f" · {r.errors} errors" if r.errors else ""),
             )
             for r in rows
         ]
-        breakdowns.append({"title": title, "chart": bar_chart(f"Requests {title.lower()}", bars)})
-    return {"totals": totals, "charts": charts, "breakdowns": breakdowns, "errors": [], "top": []}
+        breakdowns.append(
+            {"name": name, "title": title, "chart": bar_chart(f"Requests {title.lower()}", bars)}
+        )
+    top = [
+        {
+            "label": " · ".join(
+                x for x in (c.key_name or c.key_id or "no key", c.user or "", c.client_ip or "") if x
+            ),
+            "requests": c.requests,
+            "total_tokens": c.total_tokens,
+            "cost": c.cost,
+            "errors": c.errors,
+        }
+        for c in data.top_callers
+    ]
+    errors = [
+        {
+            "kind": e.kind,
+            "outcome": e.outcome,
+            "requests": e.requests,
+            "query": urlencode({"range": window.range, "outcome": e.outcome}),
+        }
+        for e in data.errors_by_kind
+    ]
+    return {
+        "totals": dataclasses.asdict(data.totals),
+        "charts": charts,
+        "breakdowns": breakdowns,
+        "errors": errors,
+        "top": top,
+        "since": data.since,
+        "until": data.until,
+        "callers_complete": data.callers_complete,
+    }
 
 
 def request_log(
     engine: Any, window: Window, filters: Mapping[str, str], cursor: str | None
 ) -> dict[str, Any]:
-    from llm_backend.services.usage import request_list
+    """A page of the request log (services/analytics.py's keyset pages); the request id filter matches our
+    id or, when none has it, the id the client sent."""
+    from llm_backend.services.analytics import InvalidCursor, RequestFilter, request_page
 
-    rows = request_list(
-        engine,
-        window.start,
-        window.end,
-        client_request_id=filters.get("request_id"),
+    status = filters.get("status")
+    if status is not None and not status.isdigit():
+        raise InvalidRequest("'status' must be an HTTP status such as 429.", param="status")
+    base = RequestFilter(
+        since=window.start,
+        until=window.end,
         key_id=filters.get("key_id"),
         model=filters.get("model"),
-        limit=100,
+        backend=filters.get("backend"),
+        outcome=filters.get("outcome"),
+        status_code=int(status) if status else None,
+        user=filters.get("user"),
+        client_ip=filters.get("client_ip"),
     )
-    return {"data": rows, "next_cursor": None}
+    wanted = filters.get("request_id")
+    try:
+        if wanted:
+            page = request_page(engine, dataclasses.replace(base, request_id=wanted), limit=PAGE_SIZE)
+            if not page.items:
+                page = request_page(
+                    engine,
+                    dataclasses.replace(base, client_request_id=wanted),
+                    limit=PAGE_SIZE,
+                    cursor=cursor,
+                )
+        else:
+            page = request_page(engine, base, limit=PAGE_SIZE, cursor=cursor)
+    except InvalidCursor:
+        raise InvalidRequest("Invalid pagination cursor.", param="cursor") from None
+    return {"data": page.items, "next_cursor": page.next_cursor}
