@@ -604,13 +604,15 @@ async def requests_page(
     async def page() -> Response:
         session, new_token = await _session()
         window = views.Window.parse(range or "7d", since, until, None)
+        # Connexion passes a signed-in principal as `user` to a handler that takes one: read the filter itself
+        user_filter = request.query_params.get("user")
         given = {
             "key_id": key_id,
             "model": model,
             "backend": backend,
             "outcome": outcome,
             "status": status,
-            "user": user,
+            "user": user_filter,
             "client_ip": client_ip,
             "request_id": request_id,
         }
