@@ -200,7 +200,7 @@ def bar_chart(title: str, bars: Sequence[Bar], *, unit: str = "", limit: int = 1
         rest = sum(b.value for b in ranked[limit - 1 :])
         ranked = [*ranked[: limit - 1], Bar(f"other ({len(bars) - limit + 1})", rest)]
     row_h = 24
-    frame = _Frame(height=max(60, 16 + row_h * len(ranked)), left=150, right=90, top=8, bottom=8)
+    frame = _Frame(height=max(60, 16 + row_h * len(ranked)), left=150, right=190, top=8, bottom=8)
     desc = f"{title}: " + (
         "; ".join(f"{b.label} {fmt_number(b.value, unit)}" for b in ranked) if ranked else "no data"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -329,7 +330,7 @@ def overview(engine: Any, window: Window, filters: Mapping[str, str | None] | No
     ]
     return {
         "totals": dataclasses.asdict(data.totals),
-        "charts": charts,
+        "charts": [{"title": _svg_title(c), "svg": c} for c in charts],
         "breakdowns": breakdowns,
         "errors": errors,
         "top": top,
@@ -337,6 +338,12 @@ def overview(engine: Any, window: Window, filters: Mapping[str, str | None] | No
         "until": data.until,
         "callers_complete": data.callers_complete,
     }
+
+
+def _svg_title(svg: str) -> str:
+    """A chart's own <title> text, for the caption above it."""
+    match = re.search(r'<title id="[^"]+">([^<]*)</title>', svg)
+    return html.unescape(match.group(1)) if match else ""
 
 
 def request_log(
