@@ -128,6 +128,8 @@ async def _session(*, changing: bool = False) -> tuple[ConsoleSession, str | Non
     sessions = resources().console_sessions
     token = request.cookies.get(SESSION_COOKIE)
     session = await asyncio.to_thread(sessions.verify, token) if token else None
+    if session is not None and session.method == LOCAL_METHOD and not _console_open():
+        session = None  # a session of the open console counts only where the console is open
     new_token = None
     if session is None and _console_open():
         if changing:  # a form needs the token of the page it came from: no session, no change
@@ -207,7 +209,8 @@ async def login_page(next: str | None = None) -> Response:
 async def _login_page(target: str | None, message: str | None = None, status: int = 200) -> Response:
     res = resources()
     token = request.cookies.get(SESSION_COOKIE)
-    if message is None and token and await asyncio.to_thread(res.console_sessions.verify, token):
+    current = await asyncio.to_thread(res.console_sessions.verify, token) if token else None
+    if message is None and current is not None and (current.method != LOCAL_METHOD or _console_open()):
         return _redirect(_safe_next(target))
     if message is None and _console_open():
         opened, new_token = await _session()

@@ -1,0 +1,196 @@
+"""Admin routes (admin key only): API keys, usage and the request log (services.analytics), backend state."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.responses import Response
+
+from llm_backend.api.common import body, caller, json_response, parse_time, resources
+from llm_backend.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+
+
+def _require_admin(*, needs_keys: bool = True) -> Any:
+    res = resources()
+    if not res.settings.admin_key:
+        raise PermissionDenied(
+            "The admin API is disabled: set LLM_BACKEND_ADMIN_KEY on the server to use it.",
+            code="admin_disabled",
+        )
+    if not caller().is_admin:
+        raise AuthenticationFailed("This route needs the admin key.", code="invalid_api_key")
+    if needs_keys and res.key_store is None:
+        raise PermissionDenied("No database is configured for keys.", code="admin_disabled")
+    return res
+
+
+async def list_keys(owner: str | None = None) -> Response:
+    res = _require_admin()
+    return json_response({"object": "list", "data": await asyncio.to_thread(res.key_store.list, owner)})
+
+
+def _checked_expiry(data: dict[str, Any]) -> dict[str, Any]:
+    """The key body, its `expires_at` checked to be a time we can store (a time past 9999 in UTC is not)."""
+    if isinstance(data.get("expires_at"), str) and data.get("expires_in") is None:
+        parse_time(data["expires_at"], "expires_at")
+    return data
+
+
+async def create_key() -> Response:
+    res = _require_admin()
+    info, secret = await asyncio.to_thread(res.key_store.create, _checked_expiry(body()))
+    return json_response({**info, "key": secret}, 201)
+
+
+async def get_key(key_id: str) -> Response:
+    res = _require_admin()
+    return json_response(await asyncio.to_thread(res.key_store.get, key_id))
+
+
+async def update_key(key_id: str) -> Response:
+    res = _require_admin()
+    info = await asyncio.to_thread(res.key_store.update, key_id, _checked_expiry(body()))
+    res.authenticator.invalidate()
+    return json_response(info)
+
+
+async def disable_key(key_id: str) -> Response:
+    res = _require_admin()
+    info = await asyncio.to_thread(res.key_store.update, key_id, {"enabled": False})
+    res.authenticator.invalidate()
+    return json_response(info)
+
+
+async def delete_key(key_id: str) -> Response:
+    res = _require_admin()
+    await asyncio.to_thread(res.key_store.delete, key_id)
+    res.authenticator.invalidate()
+    return json_response({"id": key_id, "object": "api_key.deleted", "deleted": True})
+
+
+def _since(value: str | None, now: datetime) -> datetime:
+    """`since`: an ISO time, or a duration back from now (7d, 24h; at most a hundred years)."""
+    from llm_backend.durations import DurationTooLong, parse_duration
+
+    try:
+        return now - parse_duration(value or "30d")
+    except DurationTooLong as exc:
+        raise InvalidRequest(
+            f"Invalid value for 'since': {exc}.", param="since", code="invalid_value"
+        ) from None
+    except ValueError:
+        pass
+    try:
+        return parse_time(value or "", "since")
+    except InvalidRequest:
+        raise InvalidRequest(
+            "Invalid value for 'since': expected an ISO 8601 time or a duration such as 7d or 24h.",
+            param="since",
+            code="invalid_value",
+        ) from None
+
+
+def _window(since: str | None, until: str | None) -> tuple[datetime, datetime]:
+    now = datetime.now(UTC)
+    return _since(since, now), parse_time(until, "until") if until else now
+
+
+async def get_usage(
+    since: str | None = None,
+    until: str | None = None,
+    group_by: str = "key,model",
+    key_id: str | None = None,
+    model: str | None = None,
+    client_request_id: str | None = None,
+) -> Response:
+    res = _require_admin()
+    from llm_backend.services.usage import usage_report
+
+    start, end = _window(since, until)
+    groups = [g.strip() for g in group_by.split(",") if g.strip()]
+    try:
+        rows = await asyncio.to_thread(
+            usage_report, res.engine, start, end, groups, key_id, model, client_request_id
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="group_by") from None
+    return json_response({"object": "list", "data": rows})
+
+
+async def list_requests(
+    since: str | None = None,
+    until: str | None = None,
+    client_request_id: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+    limit: int = 100,
+    backend: str | None = None,
+    outcome: str | None = None,
+    status_code: int | None = None,
+    user: str | None = None,
+    client_ip: str | None = None,
+    request_id: str | None = None,
+    cursor: str | None = None,
+) -> Response:
+    res = _require_admin()
+    from llm_backend.services.analytics import InvalidCursor, RequestFilter, request_page
+
+    start, end = _window(since, until)
+    filters = RequestFilter(
+        since=start,
+        until=end,
+        key_id=key_id,
+        model=model,
+        backend=backend,
+        outcome=outcome,
+        status_code=status_code,
+        user=user,
+        client_ip=client_ip,
+        request_id=request_id,
+        client_request_id=client_request_id,
+    )
+    try:
+        page = await asyncio.to_thread(request_page, res.engine, filters, limit=limit, cursor=cursor)
+    except InvalidCursor:
+        raise InvalidRequest(
+            "Invalid value for 'cursor': use the next_cursor of a previous page.",
+            param="cursor",
+            code="invalid_value",
+        ) from None
+    return json_response(page.to_dict())
+
+
+async def get_overview(
+    since: str | None = None,
+    until: str | None = None,
+    granularity: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+    backend: str | None = None,
+    top: int = 10,
+) -> Response:
+    res = _require_admin()
+    from llm_backend.services.analytics import overview
+
+    start, end = _window(since or "24h", until)
+    if end <= start:
+        raise InvalidRequest("'until' must be after 'since'.", param="until", code="invalid_value")
+    data = await asyncio.to_thread(
+        overview,
+        res.engine,
+        since=start,
+        until=end,
+        granularity=granularity,
+        key_id=key_id,
+        model=model,
+        backend=backend,
+        top=top,
+    )
+    return json_response({"object": "usage.overview", **data.to_dict()})
+
+
+async def list_backends() -> Response:
+    res = _require_admin(needs_keys=False)
+    return json_response({"object": "list", "data": res.router.snapshot()})

@@ -1,0 +1,574 @@
+"""The `llm-backend` command: serve, migrate, keys, usage, prune, rollups, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llm_backend.config import ConfigError, Settings
+from llm_backend.logs import report_config_error
+
+DEFAULT_DATABASE_URL = "sqlite:///./llm_backend.db"
+EXIT_FAILED = 1  # the command could not do its work (database unreachable, schema behind, unknown key)
+EXIT_USAGE = 2  # the input is wrong (configuration, arguments)
+EXIT_PIPE = 141  # stdout was closed early (`| head`), as a shell reports a process killed by SIGPIPE
+
+
+class CliError(Exception):
+    """A failure the user can act on: one line saying what is wrong and what to do."""
+
+
+def _db_url() -> str:
+    return os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: mask by hand
+        if "@" not in url or "://" not in url:
+            return url
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` without the URL's password, should a driver's message ever quote it."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(str(password), "***") if password else text
+
+
+def _which_database(url: str) -> str:
+    if os.environ.get("DATABASE_URL"):
+        return f"the database {_safe_url(url)} (DATABASE_URL)"
+    return f"the local database {url.removeprefix('sqlite:///')} (DATABASE_URL is not set)"
+
+
+def _explain_database_error(exc: BaseException, url: str) -> str:
+    """A SQLAlchemy/driver error as one line: what is wrong and what to do."""
+    from sqlalchemy import exc as sa_exc
+
+    orig = getattr(exc, "orig", None)
+    detail = str(orig if orig is not None else exc).strip().splitlines()
+    first = _scrub(detail[0].strip() if detail else type(exc).__name__, url)
+    where = _which_database(url)
+    lowered = first.lower()
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        return f"{where} has no llm-backend schema ({first}); run `llm-backend migrate` first"
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        if url.startswith("sqlite"):
+            return (
+                f"cannot open {where} ({first}); check that DATABASE_URL names a file in a directory "
+                "that exists and is writable"
+            )
+        return (
+            f"cannot connect to {where} ({first}); check DATABASE_URL and that the database server is running"
+        )
+    return f"database error on {where}: {first}"
+
+
+def _check_schema(engine: Any, url: str) -> None:
+    """Raise CliError unless the database is at the revision this code expects."""
+    from llm_backend.db.schema import current_revision, head_revision, revisions
+
+    current = current_revision(engine)
+    expected = head_revision()
+    where = _which_database(url)
+    if current == expected:
+        return
+    if current is None:
+        raise CliError(f"{where} is not set up yet (no schema): run `llm-backend migrate` first")
+    if current not in revisions():
+        raise CliError(
+            f"{where} is at schema revision {current}, which this llm-backend does not know (it expects "
+            f"{expected}): the database was migrated by a newer release; upgrade llm-backend"
+        )
+    raise CliError(
+        f"{where} is at schema revision {current}, this llm-backend expects {expected}: run `llm-backend migrate`"
+    )
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL (None for other databases, in-memory ones and URLs that do not parse)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return str(parsed.database)
+
+
+@contextlib.contextmanager
+def _database(*, schema: bool = True) -> Iterator[Any]:
+    """An engine for DATABASE_URL; with `schema`, only once the schema is current. Database failures
+    inside the block become one-line CliErrors."""
+    from sqlalchemy import exc as sa_exc
+
+    from llm_backend.db.session import make_engine, normalize_url
+
+    url = normalize_url(_db_url())
+    sqlite_file = _sqlite_file(url)
+    if schema and sqlite_file and not Path(sqlite_file).exists():
+        # connecting would leave an empty file behind in the wrong directory
+        raise CliError(
+            f"{_which_database(url)} does not exist: run `llm-backend migrate` first (or set DATABASE_URL)"
+        )
+    try:
+        engine = make_engine(url)
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ValueError) as exc:
+        raise CliError(
+            f"DATABASE_URL {_safe_url(url)!r} is not a database URL llm-backend can use ({_scrub(str(exc), url)}); "
+            "use e.g. postgresql+psycopg://user:password@host:5432/db or sqlite:///./llm_backend.db"
+        ) from None
+    except ImportError as exc:
+        raise CliError(
+            f"DATABASE_URL {_safe_url(url)} needs a database driver that is not installed ({exc}); "
+            "llm-backend supports postgresql+psycopg:// and sqlite://"
+        ) from None
+    try:
+        if schema:
+            _check_schema(engine, url)
+        yield engine
+    except sa_exc.SQLAlchemyError as exc:
+        raise CliError(_explain_database_error(exc, url)) from None
+    finally:
+        engine.dispose()
+
+
+# -- output ---------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    """A value as a table shows it: lists comma-joined, times in ISO to the second, nothing as '-'."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) if value else "-"
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T":
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+        if when.tzinfo is not None:
+            when = when.astimezone(UTC)
+            return when.replace(microsecond=0, tzinfo=None).isoformat() + "Z"
+        return when.replace(microsecond=0).isoformat()
+    return str(value)
+
+
+def _print_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    headers: Mapping[str, str] | None = None,
+    empty: str = "(none)",
+) -> None:
+    """Rows as aligned columns (numbers right-aligned) under a header line."""
+    if not rows:
+        print(empty)
+        return
+    heads = [(headers or {}).get(c, c) for c in columns]
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    numeric = [
+        any(number(r.get(c)) for r in rows) and all(r.get(c) is None or number(r.get(c)) for r in rows)
+        for c in columns
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(heads)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    print(line(heads))
+    for row in cells:
+        print(line(row))
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, default=str))
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    conf = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+    argv = ["gunicorn", "llm_backend.asgi:app"]
+    if conf.exists():
+        argv[1:1] = ["-c", str(conf)]
+    else:
+        argv += ["-k", "llm_backend.server.Worker", "--bind", f"{args.host}:{args.port}"]
+    if args.host:
+        os.environ["HOST"] = args.host
+    if args.port:
+        os.environ["PORT"] = str(args.port)
+    if args.workers:
+        os.environ["WEB_CONCURRENCY"] = str(args.workers)
+    Settings.from_env()  # fail fast, one line per problem, before gunicorn forks
+    os.execvp(argv[0], argv)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from llm_backend.db.migrate import downgrade, upgrade
+    from llm_backend.db.schema import current_revision
+
+    with _database(schema=False) as engine:
+        if args.downgrade:
+            downgrade(engine, args.downgrade)
+        else:
+            upgrade(engine, "head")
+        print(f"database {_safe_url(_db_url())} is at revision {current_revision(engine) or 'base'}")
+    return 0
+
+
+def _model_summary(settings: Settings) -> list[dict[str, Any]]:
+    """The models and their backends as check-config shows them; never a key or a header value."""
+    out = []
+    for m in settings.models:
+        backends = []
+        for b in m.backends:
+            target = b.endpoint or b.base_url
+            backends.append(
+                {
+                    "name": b.name,
+                    "provider": b.provider,
+                    "target": f"{target}/{b.deployment}" if b.deployment and target else target,
+                    "auth": b.auth if b.provider == "azure" else None,
+                    "priority": b.priority,
+                }
+            )
+        out.append({"name": m.name, "aliases": list(m.aliases), "strategy": m.strategy, "backends": backends})
+    return out
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.file:
+        env["LLM_BACKEND_CONFIG"] = args.file
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        source = env.get("LLM_BACKEND_CONFIG") or "the environment"
+        if args.json:
+            _print_json({"source": source, "valid": False, "errors": list(exc.problems)})
+            return EXIT_USAGE
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"llm-backend: {count} error{'s' * (count != 1)} in {source}", file=sys.stderr)
+        return EXIT_USAGE
+    models = _model_summary(settings)
+    if args.json:
+        _print_json({"source": settings.config_source, "valid": True, "models": models})
+        return 0
+    rows = [
+        {"model": m["name"], "aliases": m["aliases"], "strategy": m["strategy"], **b}
+        for m in models
+        for b in m["backends"]
+    ]
+    _print_table(
+        rows, ["model", "aliases", "strategy", "name", "provider", "target"], headers={"name": "backend"}
+    )
+    backends = sum(len(m["backends"]) for m in models)
+    print(
+        f"{settings.config_source}: valid; {len(models)} model{'s' * (len(models) != 1)}, "
+        f"{backends} backend{'s' * (backends != 1)}"
+    )
+    return 0
+
+
+_KEY_COLUMNS = [
+    "id",
+    "name",
+    "owner",
+    "prefix",
+    "enabled",
+    "models",
+    "rpm",
+    "tpm",
+    "daily_tokens",
+    "expires_at",
+]
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from llm_backend.errors import GatewayError
+    from llm_backend.services.keys import KeyStore
+
+    with _database() as engine:
+        store = KeyStore(engine)
+        try:
+            return _keys(args, store)
+        except GatewayError as exc:
+            raise CliError(exc.message) from None
+
+
+def _keys(args: argparse.Namespace, store: Any) -> int:
+    if args.keys_command == "create":
+        data: dict[str, Any] = {"name": args.name}
+        if args.owner:
+            data["owner"] = args.owner
+        if args.models:
+            data["models"] = [m.strip() for m in ",".join(args.models).split(",") if m.strip()]
+        for field in ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens"):
+            value = getattr(args, field)
+            if value is not None:
+                data[field] = value
+        if args.expires:
+            data["expires_in"] = args.expires
+        if args.allow_ip:
+            data["allowed_ips"] = args.allow_ip
+        info, secret = store.create(data)
+        if args.json:
+            _print_json({**info, "secret": secret})
+        else:
+            print(f"created key {info['id']} ({info['name']}); store it now, it is not shown again:")
+            print(secret)
+    elif args.keys_command == "list":
+        keys = store.list(args.owner)
+        if args.json:
+            _print_json(keys)
+        else:
+            for key in keys:
+                key["models"] = key.get("models") or "all"
+            _print_table(
+                keys,
+                [*_KEY_COLUMNS, "last_used_at"],
+                empty="no keys yet: llm-backend keys create --name NAME",
+            )
+    elif args.keys_command in ("disable", "enable"):
+        info = store.update(args.key_id, {"enabled": args.keys_command == "enable"})
+        print(f"{args.keys_command}d key {info['id']} ({info['name']})")
+    elif args.keys_command == "delete":
+        store.delete(args.key_id)
+        print(f"deleted key {args.key_id}")
+    return 0
+
+
+_USAGE_TOTALS = ["requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "estimated"]
+
+
+def _key_id(engine: Any, id_or_name: str) -> str:
+    """A key given by its id or by its name (which must then be unambiguous)."""
+    from llm_backend.services.keys import KeyStore
+
+    keys = KeyStore(engine).list()
+    if any(k["id"] == id_or_name for k in keys):
+        return id_or_name
+    named = [k["id"] for k in keys if k["name"] == id_or_name]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise CliError(f"several keys are named {id_or_name!r} ({', '.join(named)}); give --key the id")
+    return id_or_name  # perhaps a deleted key: its rows are still in the request log
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from llm_backend.db.migrate import parse_duration
+    from llm_backend.services.usage import usage_report
+
+    until = datetime.now(UTC)
+    since = until - parse_duration(args.since)
+    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    with _database() as engine:
+        key_id = _key_id(engine, args.key) if args.key else None
+        rows = usage_report(engine, since, until, groups, key_id, args.model)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        if row.get("key_id") and "key_name" in row and row["key_name"] is None:
+            row["key_name"] = "(deleted)"
+    columns: list[str] = []
+    for g in groups:
+        columns += ["key_id", "key_name"] if g == "key" else [g]
+    _print_table(
+        rows,
+        [*columns, *_USAGE_TOTALS],
+        empty=f"no requests since {_cell(since)}",
+    )
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from llm_backend.db.migrate import parse_duration, prune
+
+    older_than = parse_duration(args.older_than)
+    rollups = parse_duration(args.rollups_older_than) if args.rollups_older_than else None
+    if rollups is not None and rollups < older_than:
+        raise CliError(
+            "--rollups-older-than must not be shorter than --older-than (rollups outlive raw rows)"
+        )
+    with _database() as engine:
+        deleted = prune(
+            engine, older_than, include_conversations=args.conversations, rollups_older_than=rollups
+        )
+    kept = f"; rollups older than {args.rollups_older_than} too" if rollups else "; usage rollups kept"
+    print(f"deleted {deleted} rows older than {args.older_than}{kept}")
+    return 0
+
+
+def cmd_rollups(args: argparse.Namespace) -> int:
+    from llm_backend.db.migrate import parse_duration
+    from llm_backend.db.repositories import RollupRepository
+    from llm_backend.db.session import session_scope
+
+    since = datetime.now(UTC) - parse_duration(args.since) if args.since else None
+    with _database() as engine, session_scope(engine, write=True) as session:
+        covered = RollupRepository(session).rebuild(since=since, keep_pruned=not args.all)
+    span = f"since {_cell(since)} (whole UTC days)" if since else "every day"
+    if not args.all:
+        span += " after the oldest request's day"
+    print(f"rebuilt usage rollups for {span} from the request log: {covered} requests")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-backend",
+        description="OpenAI-compatible gateway for Azure OpenAI",
+        epilog="The database is DATABASE_URL (default sqlite:///./llm_backend.db); `llm-backend migrate` sets it up.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve with gunicorn and uvicorn workers (gunicorn.conf.py)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="upgrade the database (DATABASE_URL) to the current schema")
+    p.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "check-config",
+        help="validate the models configuration and print it",
+        description="Validate FILE (default: LLM_BACKEND_CONFIG, else the environment's models) and the "
+        "environment's settings; every problem is listed, one line each. Exit code 2 on problems.",
+    )
+    p.add_argument("file", nargs="?", metavar="FILE", help="models YAML file (default: LLM_BACKEND_CONFIG)")
+    p.add_argument("--json", action="store_true", help="print the models as JSON")
+    p.set_defaults(func=cmd_check_config)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    ks = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    c = ks.add_parser("create", help="create a key; prints it as the last line")
+    c.add_argument("--name", required=True)
+    c.add_argument("--owner")
+    c.add_argument("--models", action="append", help="allowed models (comma list; repeatable); default all")
+    c.add_argument("--rpm", type=int)
+    c.add_argument("--tpm", type=int)
+    c.add_argument("--max-parallel", dest="max_parallel", type=int)
+    c.add_argument("--daily-tokens", dest="daily_tokens", type=int)
+    c.add_argument("--monthly-tokens", dest="monthly_tokens", type=int)
+    c.add_argument("--expires", help="lifetime such as 30d, 12h")
+    c.add_argument("--allow-ip", action="append", help="allowed client CIDR range (repeatable)")
+    c.add_argument("--json", action="store_true", help="print the key as JSON, its secret in 'secret'")
+    ls = ks.add_parser("list", help="list keys")
+    ls.add_argument("--owner")
+    ls.add_argument("--json", action="store_true", help="print a JSON list")
+    for name in ("disable", "enable", "delete"):
+        d = ks.add_parser(name, help=f"{name} a key")
+        d.add_argument("key_id")
+    keys.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("usage", help="token and request totals (from the usage rollups)")
+    p.add_argument("--since", default="30d", help="how far back (e.g. 7d, 24h); default 30d")
+    p.add_argument("--group-by", default="key,model", help="comma list of key, model, day, user, backend")
+    p.add_argument("--key", metavar="KEY", help="only this key (its id, or its name)")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("prune", help="delete request-log rows older than a duration")
+    p.add_argument("--older-than", required=True, help="e.g. 90d")
+    p.add_argument("--conversations", action="store_true", help="also delete conversations idle that long")
+    p.add_argument(
+        "--rollups-older-than",
+        metavar="AGE",
+        help="also delete usage rollups older than this (e.g. 400d); default: keep them",
+    )
+    p.set_defaults(func=cmd_prune)
+
+    rollups = sub.add_parser("rollups", help="the usage rollups that reports and the console read")
+    rs = rollups.add_subparsers(dest="rollups_command", required=True, metavar="ACTION")
+    r = rs.add_parser(
+        "rebuild",
+        help="recompute the rollups from the request log",
+        description="Recompute the usage rollups from the request log (whole UTC days; all of it by "
+        "default). Safe while serving: the recorder's rollup writes wait for it. The day of the oldest "
+        "request row and those before it are kept as they are (their raw rows may have been pruned) "
+        "unless --all is given.",
+    )
+    r.add_argument("--since", help="only days from this long ago on (e.g. 7d)")
+    r.add_argument(
+        "--all",
+        action="store_true",
+        help="also rebuild the oldest request's day and earlier (only if nothing was ever pruned)",
+    )
+    rollups.set_defaults(func=cmd_rollups)
+    return parser
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush stays silent."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        print("llm-backend: interrupted", file=sys.stderr)
+        return 130
+    except ConfigError as exc:
+        report_config_error(exc.problems)
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"llm-backend: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"llm-backend: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Framework-free rate-limit types: per-key limits, header state, reservations and the Limiter interface."""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Self
+
+LimitKind = Literal["requests", "tokens", "parallel", "daily_budget", "monthly_budget"]
+
+#: Length of the RPM/TPM window in seconds. Implementations take it as a constructor argument so that
+#: tests can use a one-second window instead of sleeping for a minute.
+DEFAULT_RATE_WINDOW_S = 60.0
+#: How long a request's in-flight lease (its parallel slot) lasts when nobody renews it: the limiter renews
+#: the leases of its live requests every lease/3 seconds, so a long stream keeps its slot, and the slot of a
+#: request whose worker died (or whose settle could not reach the store) frees within this time.
+DEFAULT_LEASE_S = 30.0
+#: Retry hint for a full set of parallel slots: the time a slot frees up is unknown.
+PARALLEL_RETRY_AFTER_S = 1.0
+#: Float tolerance when comparing token/request levels against a limit.
+EPSILON = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """The limits of one API key; None means unlimited."""
+
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens per minute
+    max_parallel: int | None = None  # concurrent in-flight requests
+    daily_tokens: int | None = None  # budget per UTC day
+    monthly_tokens: int | None = None  # budget per UTC calendar month
+
+
+def format_duration(seconds: float) -> str:
+    """Format a duration like OpenAI's x-ratelimit-reset-* headers (Go style): "20ms", "1s", "8.64s", "6m0s".
+
+    Rounded up to whole milliseconds so that a client never comes back early.
+    """
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, frac = divmod(rest, 1000)
+    sec_text = f"{secs}.{frac:03d}".rstrip("0").rstrip(".") if frac else str(secs)
+    if hours:
+        return f"{hours}h{minutes}m{sec_text}s"
+    if minutes:
+        return f"{minutes}m{sec_text}s"
+    return f"{sec_text}s"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitState:
+    """The request and token limits as OpenAI reports them in the x-ratelimit-* response headers.
+
+    reset_*_s is the time until the limit is back to its initial (full) state, as OpenAI defines it.
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        """The x-ratelimit-* headers; a header whose value is unknown (None) is left out."""
+        out: dict[str, str] = {}
+        for name, limit, remaining, reset in (
+            ("requests", self.limit_requests, self.remaining_requests, self.reset_requests_s),
+            ("tokens", self.limit_tokens, self.remaining_tokens, self.reset_tokens_s),
+        ):
+            if limit is not None:
+                out[f"x-ratelimit-limit-{name}"] = str(limit)
+            if remaining is not None:
+                out[f"x-ratelimit-remaining-{name}"] = str(max(0, remaining))
+            if reset is not None:
+                out[f"x-ratelimit-reset-{name}"] = format_duration(reset)
+        return out
+
+
+EMPTY_STATE = RateLimitState()
+
+_DESCRIPTIONS: dict[str, str] = {
+    "requests": "requests per minute (RPM)",
+    "tokens": "tokens per minute (TPM)",
+    "daily_budget": "daily token budget",
+    "monthly_budget": "monthly token budget",
+}
+
+
+class LimitExceeded(Exception):
+    """A request would exceed one of its key's limits; nothing was taken."""
+
+    def __init__(
+        self,
+        kind: LimitKind,
+        retry_after: float,
+        state: RateLimitState,
+        *,
+        limit: int,
+        used: float,
+        requested: int,
+    ) -> None:
+        self.kind: LimitKind = kind
+        self.retry_after = max(0.0, retry_after)
+        self.state = state
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+        super().__init__(self.message)
+
+    @property
+    def code(self) -> str:
+        """OpenAI's error code: a spent budget is insufficient_quota, everything else rate_limit_exceeded."""
+        return (
+            "insufficient_quota" if self.kind in ("daily_budget", "monthly_budget") else "rate_limit_exceeded"
+        )
+
+    @property
+    def message(self) -> str:
+        """Human text naming the limit (never the key)."""
+        wait = format_duration(self.retry_after)
+        if self.kind == "parallel":
+            return (
+                f"Too many parallel requests: limit {self.limit} in flight. "
+                f"Please try again when one of them has finished (retry in about {wait})."
+            )
+        used = math.ceil(self.used - EPSILON)
+        what = _DESCRIPTIONS[self.kind]
+        text = f"limit {self.limit}, used {used}, requested {self.requested}"
+        if self.kind in ("daily_budget", "monthly_budget"):
+            period = "UTC day" if self.kind == "daily_budget" else "UTC month"
+            hint = ""
+            if self.requested > self.limit - used:
+                hint = " Tokens are reserved up front (prompt estimate + max_tokens): try a lower max_tokens."
+            return (
+                f"You exceeded your {what}: {text} (used includes requests in flight).{hint} "
+                f"The budget resets at the start of the next {period}, in {wait}."
+            )
+        return f"Rate limit reached on {what}: {text}. Please try again in {wait}."
+
+
+class LimiterUnavailable(Exception):
+    """The limiter's store is unreachable and the limiter is configured to fail closed (API: 503)."""
+
+
+class SeedNeeded(Exception):
+    """acquire() found no counter for a budget window of the key (a restarted or flushed store, a fresh
+    worker, a new day): nothing was taken. Load the key's usage of that day and month from the request log,
+    hand it to seed(), then acquire again."""
+
+    def __init__(self, key_id: str, day: int, month: int) -> None:
+        super().__init__(f"budget counters of key {key_id} need seeding for day {day}, month {month}")
+        self.key_id = key_id
+        self.day = day
+        self.month = month
+
+
+@dataclass(slots=True, weakref_slot=True)
+class Reservation:
+    """What acquire() took for one request; hand it to settle() exactly once when the request ends."""
+
+    key_id: str
+    tokens: int
+    state: RateLimitState
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    id: str = ""
+    acquired_at: float = 0.0  # the limiter's clock (Redis TIME for Redis) when the tokens were reserved
+    day: int = 0  # UTC day number (days since the epoch) the budget reservation was booked on
+    month: int = 0  # UTC month number (year * 12 + month - 1) the budget reservation was booked on
+    parallel_slot: bool = False  # counted against max_parallel (every live reservation holds a lease)
+    degraded: bool = False  # the limiter's store was unreachable and the request went through unchecked
+    settled: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """The x-ratelimit-* headers for the response."""
+        return self.state.headers()
+
+
+class Limiter(abc.ABC):
+    """Per-key request/token rate limits, parallel slots and token budgets.
+
+    acquire() before the upstream call reserves the estimated tokens; settle() afterwards replaces the
+    reservation with the real usage. Reserving before and settling after is what keeps concurrent requests
+    from overshooting a budget.
+
+    Windows (the same in both implementations):
+    - RPM and TPM are leaky buckets (GCRA-like) of capacity rpm/tpm that drain continuously at limit/window_s
+      (window_s = 60 s by default): a full burst of `limit` is allowed, then the rate is limit per minute.
+      This is OpenAI's own semantics: x-ratelimit-reset-* is the time until the bucket is empty again
+      ("resets to its initial state"), retry_after the time until the refused request would fit. O(1) state.
+    - Daily and monthly budgets are fixed UTC windows (calendar day, calendar month). A reservation made on
+      one day is settled on that day even if the request ends after midnight.
+    - Admission is strict: a request is refused if its reservation does not fit what is left. A reservation
+      larger than the whole limit fits only an empty bucket/budget, so such a request can still run once;
+      usage can then exceed a limit by at most that one reservation (or by usage above the reservation).
+    - Every admitted request holds an in-flight lease (lease_s, default 30 s) that counts against
+      max_parallel. The limiter renews the leases of its unsettled reservations in the background, so long
+      streams keep theirs; settle() releases it. A settle that cannot reach the store is retried until it
+      lands, and settling is idempotent (the lease is the proof that it has not been applied yet); if it
+      never lands (the worker died) the lease simply expires.
+    - With seed_budgets, a budget window whose counter is missing (a restarted store, a fresh worker, a new
+      day) admits nothing until seed() has put the request log's usage of that window in (SeedNeeded).
+    - Token usage per UTC day/month is counted even without a budget (for usage() and for a budget set later).
+    - A limit of 0 refuses every request; None is unlimited.
+    """
+
+    @abc.abstractmethod
+    async def acquire(self, key_id: str, limits: KeyLimits, reserve_tokens: int) -> Reservation:
+        """Atomically count the request, take a parallel slot and reserve tokens; LimitExceeded if any
+        limit would be exceeded (then nothing is taken)."""
+
+    @abc.abstractmethod
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Release the parallel slot and replace the reservation by the actual usage. A second call for
+        the same reservation does nothing."""
+
+    @abc.abstractmethod
+    async def usage(self, key_id: str, limits: KeyLimits) -> dict[str, Any]:
+        """Current counters of one key, for admin/status pages."""
+
+    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:  # noqa: B027
+        """Put a budget window's usage from the request log in, after SeedNeeded. A counter keeps the larger
+        of what it has and what it is given (see the implementations); a seed for a day (month) that is no
+        longer the current one is ignored."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+# --- shared arithmetic of both implementations (the Redis Lua scripts mirror it) ---------------------------
+
+
+def utc_day(now: float) -> int:
+    """Days since the epoch of a UTC timestamp."""
+    return int(now // 86400)
+
+
+def utc_month(now: float) -> int:
+    """Months since year 0 of a UTC timestamp: year * 12 + month - 1."""
+    d = datetime.fromtimestamp(utc_day(now) * 86400, tz=UTC)
+    return d.year * 12 + d.month - 1
+
+
+def month_start(month: int) -> float:
+    """The UTC timestamp at which month number `month` (year * 12 + month - 1) begins."""
+    return datetime(month // 12, month % 12 + 1, 1, tzinfo=UTC).timestamp()
+
+
+def seconds_to_next_day(now: float) -> float:
+    """Seconds until the next UTC midnight."""
+    return (utc_day(now) + 1) * 86400 - now
+
+
+def seconds_to_next_month(now: float) -> float:
+    """Seconds until 00:00 UTC on the first day of the next month."""
+    return month_start(utc_month(now) + 1) - now
+
+
+def rate_state(
+    limits: KeyLimits, requests_level: float, tokens_level: float, window_s: float
+) -> RateLimitState:
+    """Header state from the levels of the request and token buckets."""
+    lr = rr = lt = rt = None
+    sr = st = None
+    if limits.rpm is not None:
+        lr = limits.rpm
+        rr = max(0, math.floor(limits.rpm - requests_level + EPSILON))
+        sr = requests_level * window_s / limits.rpm if limits.rpm > 0 else 0.0
+    if limits.tpm is not None:
+        lt = limits.tpm
+        rt = max(0, math.floor(limits.tpm - tokens_level + EPSILON))
+        st = tokens_level * window_s / limits.tpm if limits.tpm > 0 else 0.0
+    return RateLimitState(lr, rr, sr, lt, rt, st)
+
+
+def usage_report(
+    limits: KeyLimits,
+    *,
+    requests_level: float,
+    tokens_level: float,
+    in_flight: int,
+    day_used: int,
+    month_used: int,
+    now: float,
+    window_s: float,
+) -> dict[str, Any]:
+    """The usage() dictionary both implementations return."""
+    state = rate_state(limits, requests_level, tokens_level, window_s)
+
+    def budget(limit: int | None, used: int, reset: float) -> dict[str, Any]:
+        remaining = None if limit is None else max(0, limit - used)
+        return {"limit": limit, "used": used, "remaining": remaining, "reset_s": reset}
+
+    return {
+        "requests": {
+            "limit": limits.rpm,
+            "used": math.ceil(requests_level - EPSILON) if limits.rpm is not None else None,
+            "remaining": state.remaining_requests,
+            "reset_s": state.reset_requests_s,
+        },
+        "tokens": {
+            "limit": limits.tpm,
+            "used": math.ceil(tokens_level - EPSILON) if limits.tpm is not None else None,
+            "remaining": state.remaining_tokens,
+            "reset_s": state.reset_tokens_s,
+        },
+        "parallel": {"limit": limits.max_parallel, "in_flight": in_flight},
+        "daily_tokens": budget(limits.daily_tokens, day_used, seconds_to_next_day(now)),
+        "monthly_tokens": budget(limits.monthly_tokens, month_used, seconds_to_next_month(now)),
+    }

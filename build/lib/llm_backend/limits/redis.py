@@ -1,0 +1,559 @@
+"""Redis limiter: one atomic Lua script per acquire and per settle, exact across all workers and replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import secrets
+import time
+import weakref
+from collections import defaultdict
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .base import (
+    DEFAULT_LEASE_S,
+    DEFAULT_RATE_WINDOW_S,
+    EPSILON,
+    PARALLEL_RETRY_AFTER_S,
+    KeyLimits,
+    Limiter,
+    LimiterUnavailable,
+    LimitExceeded,
+    RateLimitState,
+    Reservation,
+    SeedNeeded,
+    rate_state,
+    usage_report,
+)
+
+logger = logging.getLogger(__name__)
+
+# Shared by the scripts. Time comes from Redis TIME (plus a test-only offset), never from a client clock,
+# so every worker and replica agrees. Lua 5.1 numbers are doubles; calendar maths after H. Hinnant's
+# days_from_civil / civil_from_days.
+_PRELUDE = """
+local EPS = $EPS
+local function clock(offset)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000 + offset
+end
+local function month_of_day(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)
+  yoe = math.floor(yoe / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y * 12 + m - 1
+end
+local function month_start(month)
+  local y = math.floor(month / 12)
+  local m = month % 12 + 1
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = math.floor((153 * mp + 2) / 5)
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return (era * 146097 + doe - 719468) * 86400
+end
+local function drain(level, ts, limit, now, window)
+  level = tonumber(level) or 0
+  ts = tonumber(ts) or now
+  if limit > 0 and now > ts then
+    level = math.max(0, level - (now - ts) * limit / window)
+  end
+  return level
+end
+local function num(x)
+  return string.format('%.17g', x)
+end
+""".replace("$EPS", repr(EPSILON))
+
+# KEYS: state hash, in-flight sorted set. ARGV: time offset, window, rpm, tpm, max_parallel, daily, monthly,
+# reserve, reservation id, lease seconds, seed budgets (1/0) (-1 = no limit).
+# Hash fields: rl/rt requests bucket level and time, tl/tt tokens bucket, d/du UTC day and its tokens,
+# m/mu UTC month and its tokens, sd/sm the day and month whose counters were seeded from the request log.
+# The sorted set holds every in-flight reservation id scored by its lease expiry.
+_ACQUIRE = (
+    _PRELUDE
+    + """
+local now = clock(tonumber(ARGV[1]))
+local window = tonumber(ARGV[2])
+local rpm, tpm, maxpar = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local daily, monthly, reserve = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu', 'sd', 'sm')
+local day = math.floor(now / 86400)
+local month = month_of_day(day)
+if ARGV[11] == '1' and ((daily >= 0 and tonumber(h[9]) ~= day) or (monthly >= 0 and tonumber(h[10]) ~= month)) then
+  return cjson.encode({ok = false, seed = true, day = day, month = month})
+end
+local rl = drain(h[1], h[2], rpm, now, window)
+local tl = drain(h[3], h[4], tpm, now, window)
+local du, mu = 0, 0
+if tonumber(h[5]) == day then du = tonumber(h[6]) or 0 end
+if tonumber(h[7]) == month then mu = tonumber(h[8]) or 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local inflight = 0
+if maxpar >= 0 then inflight = redis.call('ZCARD', KEYS[2]) end
+
+local v = nil
+local function consider(retry, kind, limit, used, requested)
+  if v == nil or retry > v[1] then v = {retry, kind, limit, used, requested} end
+end
+if rpm >= 0 then
+  if rpm == 0 then consider(window, 'requests', rpm, rl, 1)
+  elseif rl + 1 > rpm + EPS then consider((rl + 1 - rpm) * window / rpm, 'requests', rpm, rl, 1) end
+end
+if tpm >= 0 then
+  local need = math.min(reserve, tpm)
+  if tpm == 0 then consider(window, 'tokens', tpm, tl, reserve)
+  elseif tl + need > tpm + EPS then consider((tl + need - tpm) * window / tpm, 'tokens', tpm, tl, reserve) end
+end
+if maxpar >= 0 and inflight >= maxpar then
+  consider($PARALLEL_RETRY, 'parallel', maxpar, inflight, 1)
+end
+if daily >= 0 and (daily == 0 or du + math.min(reserve, daily) > daily) then
+  consider((day + 1) * 86400 - now, 'daily_budget', daily, du, reserve)
+end
+if monthly >= 0 and (monthly == 0 or mu + math.min(reserve, monthly) > monthly) then
+  consider(month_start(month + 1) - now, 'monthly_budget', monthly, mu, reserve)
+end
+if v ~= nil then
+  return cjson.encode({ok = false, retry = v[1], kind = v[2], limit = v[3], used = v[4], requested = v[5],
+                       rl = rl, tl = tl})
+end
+
+if rpm >= 0 then rl = rl + 1 end
+if tpm >= 0 then tl = tl + reserve end
+du = du + reserve
+mu = mu + reserve
+redis.call('HSET', KEYS[1], 'rl', num(rl), 'rt', num(now), 'tl', num(tl), 'tt', num(now),
+           'd', day, 'du', du, 'm', month, 'mu', mu)
+-- Long enough for the month's counter and for settling a request that started just before the month ended.
+redis.call('EXPIRE', KEYS[1], math.ceil(month_start(month + 1) - now + math.max(window, tonumber(ARGV[10]))))
+local lease = tonumber(ARGV[10])
+redis.call('ZADD', KEYS[2], now + lease, ARGV[9])
+redis.call('EXPIRE', KEYS[2], math.ceil(lease) + 1)
+return cjson.encode({ok = true, rl = rl, tl = tl, now = now, day = day, month = month})
+""".replace("$PARALLEL_RETRY", repr(PARALLEL_RETRY_AFTER_S))
+)
+
+# KEYS: state hash, in-flight sorted set. ARGV: time offset, window, tpm (-1 = none), reservation id,
+# (unused), reserved tokens, actual tokens, acquired at, day, month.
+# Idempotent: the reservation's lease is removed first, and only the call that removed it applies the
+# usage. A retried settle whose first attempt did land (its reply was lost) changes nothing; neither does a
+# settle after the lease expired (the reservation then stays booked as reserved: never under-counted).
+_SETTLE = (
+    _PRELUDE
+    + """
+local now = clock(tonumber(ARGV[1]))
+local window, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('ZREM', KEYS[2], ARGV[4]) == 0 then return 0 end
+local reserved, actual = tonumber(ARGV[6]), tonumber(ARGV[7])
+local delta = actual - reserved
+if delta == 0 then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'tl', 'tt', 'd', 'du', 'm', 'mu')
+-- Only fields that exist are written, so a settle never recreates an expired hash without its TTL.
+if tpm > 0 and h[1] then
+  local tl = drain(h[1], h[2], tpm, now, window)
+  if delta > 0 then
+    tl = tl + delta
+  else
+    local leaked = math.max(0, now - tonumber(ARGV[8])) * tpm / window
+    local refund = math.min(-delta, math.max(0, reserved - leaked))
+    tl = math.max(0, tl - refund)
+  end
+  redis.call('HSET', KEYS[1], 'tl', num(tl), 'tt', num(now))
+end
+if h[3] == ARGV[9] then redis.call('HSET', KEYS[1], 'du', math.max(0, (tonumber(h[4]) or 0) + delta)) end
+if h[5] == ARGV[10] then redis.call('HSET', KEYS[1], 'mu', math.max(0, (tonumber(h[6]) or 0) + delta)) end
+return 1
+"""
+)
+
+# KEYS: state hash. ARGV: time offset, day, day tokens, month, month tokens, lease seconds, window.
+# Seeds the budget counters of the current day/month once (sd/sm mark it): a counter keeps the larger of
+# what it holds and the request log's total. A seed for a day or month that is over is ignored.
+_SEED = (
+    _PRELUDE
+    + """
+local now = clock(tonumber(ARGV[1]))
+local day = math.floor(now / 86400)
+local month = month_of_day(day)
+local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu', 'sd', 'sm')
+if tonumber(ARGV[2]) == day and tonumber(h[5]) ~= day then
+  local du = 0
+  if tonumber(h[1]) == day then du = tonumber(h[2]) or 0 end
+  redis.call('HSET', KEYS[1], 'd', day, 'du', math.max(du, tonumber(ARGV[3])), 'sd', day)
+end
+if tonumber(ARGV[4]) == month and tonumber(h[6]) ~= month then
+  local mu = 0
+  if tonumber(h[3]) == month then mu = tonumber(h[4]) or 0 end
+  redis.call('HSET', KEYS[1], 'm', month, 'mu', math.max(mu, tonumber(ARGV[5])), 'sm', month)
+end
+redis.call('EXPIRE', KEYS[1], math.ceil(month_start(month + 1) - now + math.max(tonumber(ARGV[7]), tonumber(ARGV[6]))))
+return 1
+"""
+)
+
+# KEYS: in-flight sorted set. ARGV: time offset, lease seconds, reservation ids. Extends the leases of
+# requests still in flight; a lease that is gone (settled or expired) is not brought back.
+_RENEW = (
+    _PRELUDE
+    + """
+local now = clock(tonumber(ARGV[1]))
+local lease = tonumber(ARGV[2])
+local renewed = 0
+for i = 3, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[i])
+end
+if renewed > 0 then redis.call('EXPIRE', KEYS[1], math.ceil(lease) + 1) end
+return renewed
+"""
+)
+
+# KEYS: state hash, in-flight sorted set. ARGV: time offset, window, rpm, tpm. Reads only.
+_USAGE = (
+    _PRELUDE
+    + """
+local now = clock(tonumber(ARGV[1]))
+local window, rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu')
+local day = math.floor(now / 86400)
+local month = month_of_day(day)
+local du, mu = 0, 0
+if tonumber(h[5]) == day then du = tonumber(h[6]) or 0 end
+if tonumber(h[7]) == month then mu = tonumber(h[8]) or 0 end
+return cjson.encode({rl = drain(h[1], h[2], rpm, now, window), tl = drain(h[3], h[4], tpm, now, window),
+                     inflight = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'),
+                     du = du, mu = mu, now = now, day = day, month = month})
+"""
+)
+
+
+def _arg(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+class RedisLimiter(Limiter):
+    """Limits kept in Redis, shared by every worker and replica that uses the same Redis and prefix.
+
+    Each acquire and each settle is one EVALSHA round-trip over a bounded connection pool (max_connections;
+    a burst waits up to pool_timeout_s for a connection). Two keys per API key, sharing a hash tag so the
+    scripts also work on Redis Cluster: a hash (buckets, day and month counters; TTL to the end of the month)
+    and a sorted set of parallel leases (TTL lease_s). Nothing outlives its window.
+
+    When Redis cannot be reached: fail_open=True lets the request through unchecked (Reservation.degraded),
+    logs an error at most every log_interval_s and counts errors_total/degraded_total; fail_open=False raises
+    LimiterUnavailable. After a failure Redis is left alone for retry_interval_s, so an outage costs no
+    connect timeout per request.
+
+    A background task (started by the first acquire, stopped by close) renews the leases of this process's
+    unsettled reservations every lease_s/3 and retries settles that failed, every retry_interval_s, until
+    they land or their lease has run out: a pause of Redis while requests end frees their slots as soon as
+    Redis answers again, not when a lease expires.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | aioredis.Redis,
+        *,
+        prefix: str = "llmb:rl:",
+        fail_open: bool = True,
+        window_s: float = DEFAULT_RATE_WINDOW_S,
+        lease_s: float = DEFAULT_LEASE_S,
+        timeout_s: float = 1.0,
+        max_connections: int = 50,
+        pool_timeout_s: float = 5.0,
+        retry_interval_s: float = 1.0,
+        log_interval_s: float = 30.0,
+        time_offset_s: float = 0.0,
+        seed_budgets: bool = False,
+    ) -> None:
+        if isinstance(url_or_client, str):
+            # A bounded pool that makes bursts wait for a connection instead of opening one per request.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url_or_client,
+                max_connections=max_connections,
+                timeout=pool_timeout_s,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 1),  # one quick retry for a pooled connection Redis has dropped
+            )
+            self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
+            self._owns_client = True
+        else:
+            self._client = url_or_client
+            self._owns_client = False
+        self.prefix = prefix
+        self.fail_open = fail_open
+        self.window_s = window_s
+        self.lease_s = lease_s
+        self.retry_interval_s = retry_interval_s
+        self.log_interval_s = log_interval_s
+        self.time_offset_s = time_offset_s  # test hook: shifts the scripts' Redis TIME
+        self.seed_budgets = seed_budgets
+        self.errors_total = 0  # failed Redis calls
+        self.degraded_total = 0  # requests let through unchecked (fail open)
+        self._down_until = 0.0
+        self._last_log = -math.inf
+        self._suppressed = 0
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._settle = self._client.register_script(_SETTLE)
+        self._usage = self._client.register_script(_USAGE)
+        self._seed = self._client.register_script(_SEED)
+        self._renew = self._client.register_script(_RENEW)
+        # unsettled reservations of this process (their leases are renewed) and settles to retry
+        self._live: weakref.WeakValueDictionary[str, Reservation] = weakref.WeakValueDictionary()
+        self._pending: dict[
+            str, tuple[Reservation, int, float]
+        ] = {}  # id -> (reservation, tokens, give up at)
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = (
+            None  # set when a settle is queued: the loop may be in a long sleep
+        )
+        self.settle_retries_total = 0  # settles that failed once and were queued for a retry
+
+    def _keys(self, key_id: str) -> list[str]:
+        base = f"{self.prefix}{{{key_id}}}"
+        return [f"{base}:s", f"{base}:p"]
+
+    def _failed(self, operation: str, exc: BaseException | None) -> None:
+        """Count a failure, stop calling Redis for a while and log (at most once per log interval)."""
+        now = time.monotonic()
+        if exc is not None:
+            self.errors_total += 1
+            self._down_until = now + self.retry_interval_s
+        if now - self._last_log >= self.log_interval_s:
+            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+            logger.error(
+                "rate limiter: Redis unavailable during %s: %s%s; %s",
+                operation,
+                f"{type(exc).__name__}: {exc}" if exc is not None else "backing off",
+                more,
+                "letting requests through unchecked" if self.fail_open else "refusing requests",
+            )
+            self._last_log = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+
+    def _unavailable(
+        self, key_id: str, limits: KeyLimits, reserve: int, exc: BaseException | None
+    ) -> Reservation:
+        self._failed("acquire", exc)
+        if not self.fail_open:
+            raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
+        self.degraded_total += 1
+        state = RateLimitState(limit_requests=limits.rpm, limit_tokens=limits.tpm)
+        return Reservation(key_id=key_id, tokens=reserve, state=state, limits=limits, degraded=True)
+
+    async def acquire(self, key_id: str, limits: KeyLimits, reserve_tokens: int) -> Reservation:
+        reserve = max(0, int(reserve_tokens))
+        if time.monotonic() < self._down_until:
+            return self._unavailable(key_id, limits, reserve, None)
+        rid = secrets.token_hex(8)
+        args: list[str | int | float] = [
+            self.time_offset_s,
+            self.window_s,
+            _arg(limits.rpm),
+            _arg(limits.tpm),
+            _arg(limits.max_parallel),
+            _arg(limits.daily_tokens),
+            _arg(limits.monthly_tokens),
+            reserve,
+            rid,
+            self.lease_s,
+            1 if self.seed_budgets else 0,
+        ]
+        try:
+            raw = await self._eval(self._acquire, self._keys(key_id), args)
+        except (RedisError, OSError) as exc:
+            return self._unavailable(key_id, limits, reserve, exc)
+        r = json.loads(raw)
+        if r.get("seed"):
+            raise SeedNeeded(key_id, int(r["day"]), int(r["month"]))
+        state = rate_state(limits, float(r["rl"]), float(r["tl"]), self.window_s)
+        if not r["ok"]:
+            raise LimitExceeded(
+                r["kind"],
+                float(r["retry"]),
+                state,
+                limit=int(r["limit"]),
+                used=float(r["used"]),
+                requested=int(r["requested"]),
+            )
+        reservation = Reservation(
+            key_id=key_id,
+            tokens=reserve,
+            state=state,
+            limits=limits,
+            id=rid,
+            acquired_at=float(r["now"]),
+            day=int(r["day"]),
+            month=int(r["month"]),
+            parallel_slot=limits.max_parallel is not None,
+        )
+        self._live[rid] = reservation
+        self._start_background()
+        return reservation
+
+    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:
+        args = [
+            self.time_offset_s,
+            day,
+            int(day_tokens),
+            month,
+            int(month_tokens),
+            self.lease_s,
+            self.window_s,
+        ]
+        try:
+            await self._eval(self._seed, self._keys(key_id)[:1], args)
+        except (RedisError, OSError) as exc:
+            self._failed("seed", exc)
+            raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
+
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Never raises for an unreachable Redis: the settle is then retried in the background until it
+        lands (or the reservation's lease has run out, when it stays charged as reserved)."""
+        if reservation.settled or reservation.degraded:
+            reservation.settled = True
+            return
+        reservation.settled = True
+        self._live.pop(reservation.id, None)
+        actual = max(0, int(actual_tokens))
+        if not await self._settle_once(reservation, actual):
+            self.settle_retries_total += 1
+            self._pending[reservation.id] = (reservation, actual, time.monotonic() + self.lease_s)
+            self._start_background()
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _settle_once(self, reservation: Reservation, actual: int) -> bool:
+        args: list[str | int | float] = [
+            self.time_offset_s,
+            self.window_s,
+            _arg(reservation.limits.tpm),
+            reservation.id,
+            1 if reservation.parallel_slot else 0,
+            reservation.tokens,
+            actual,
+            repr(reservation.acquired_at),
+            reservation.day,
+            reservation.month,
+        ]
+        try:
+            await self._eval(self._settle, self._keys(reservation.key_id), args)
+        except (RedisError, OSError) as exc:
+            self._failed("settle", exc)
+            return False
+        return True
+
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except RedisConnectionError:
+            # A restarted server leaves every pooled connection dead, more than one retry on one connection
+            # can cover: drop the idle ones and try once more on a fresh connection.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            return await script(keys=keys, args=args)
+
+    # -- background: lease renewal and settle retries ------------------------------------------------------
+
+    def _start_background(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._background(), name="limiter-leases")
+
+    async def _background(self) -> None:
+        renew_every = max(0.05, self.lease_s / 3)
+        next_renew = time.monotonic() + renew_every
+        wake = self._wake
+        assert wake is not None
+        while self._live or self._pending:
+            tick = min(renew_every, self.retry_interval_s) if self._pending else renew_every
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.01, min(tick, next_renew - time.monotonic())))
+            if wake.is_set():
+                wake.clear()
+                # a settle just failed: give the store its back-off before the first retry
+                await asyncio.sleep(max(0.0, self._down_until - time.monotonic()))
+            now = time.monotonic()
+            try:
+                if self._pending and now >= self._down_until:
+                    await self._retry_pending()
+                if now >= next_renew:
+                    next_renew = now + renew_every
+                    if self._live and time.monotonic() >= self._down_until:
+                        await self._renew_live()
+            except Exception:  # never let the loop die: leases would stop being renewed
+                logger.exception("rate limiter: lease renewal or settle retry failed")
+
+    async def _retry_pending(self) -> None:
+        now = time.monotonic()
+        for rid, (reservation, actual, give_up) in list(self._pending.items()):
+            if give_up <= now:
+                del self._pending[rid]  # its lease is gone: the reservation stays booked as reserved
+                continue
+            if not await self._settle_once(reservation, actual):
+                return  # Redis is still away: try again after the back-off
+            del self._pending[rid]
+
+    async def _renew_live(self) -> None:
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for rid, reservation in list(self._live.items()):
+            if not reservation.settled:
+                by_key[reservation.key_id].append(rid)
+        for key_id, ids in by_key.items():
+            try:
+                await self._renew(keys=self._keys(key_id)[1:], args=[self.time_offset_s, self.lease_s, *ids])
+            except (RedisError, OSError) as exc:
+                self._failed("lease renewal", exc)
+                return
+
+    async def usage(self, key_id: str, limits: KeyLimits) -> dict[str, Any]:
+        args = [self.time_offset_s, self.window_s, _arg(limits.rpm), _arg(limits.tpm)]
+        try:
+            raw = await self._usage(keys=self._keys(key_id), args=args)
+        except (RedisError, OSError) as exc:
+            self._failed("usage", exc)
+            raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
+        r = json.loads(raw)
+        return usage_report(
+            limits,
+            requests_level=float(r["rl"]),
+            tokens_level=float(r["tl"]),
+            in_flight=int(r["inflight"]),
+            day_used=int(r["du"]),
+            month_used=int(r["mu"]),
+            now=float(r["now"]),
+            window_s=self.window_s,
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._pending and time.monotonic() >= self._down_until:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._retry_pending(), timeout=2.0)
+        if self._owns_client:
+            await self._client.aclose()

@@ -1,0 +1,1 @@
+"""Recording of requests: the record contract, the write-behind recorder and conversation threading."""

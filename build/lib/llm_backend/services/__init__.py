@@ -1,0 +1,1 @@
+"""The domain: forwarding, access control, conversations and usage; no web framework here."""

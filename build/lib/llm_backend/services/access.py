@@ -1,0 +1,393 @@
+"""Access control on the serving path: who the key is, what it may use, and its limits and budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from llm_backend.config import Settings
+from llm_backend.db.repositories import hash_api_key
+from llm_backend.db.session import DatabaseUnavailable
+from llm_backend.errors import AuthenticationFailed, PermissionDenied, RateLimited, ServiceUnavailable
+from llm_backend.limits import (
+    KeyLimits,
+    Limiter,
+    LimiterUnavailable,
+    LimitExceeded,
+    Reservation,
+    SeedNeeded,
+    make_limiter,
+    month_start,
+)
+from llm_backend.logthrottle import LogThrottle
+from llm_backend.services.dbguard import DatabaseGuard
+from llm_backend.services.keys import KEY_PREFIX, KeyInfo, KeyStore
+from llm_backend.services.operations import CHAT_OP, Operation
+from llm_backend.services.proxy import Caller
+from llm_backend.upstream.router import ModelRoute
+
+logger = logging.getLogger(__name__)
+
+ADMIN = "admin"
+CACHE_TTL = 5.0  # seconds a key looked up stays cached in the worker (changes elsewhere apply within it)
+NEGATIVE_TTL = 2.0
+TOUCH_EVERY = 60.0
+CACHE_MAX = 10_000  # cached keys per worker
+
+_throttle = LogThrottle(logger, 60.0)
+
+
+def database_unavailable(guard: DatabaseGuard, what: str) -> ServiceUnavailable:
+    """The OpenAI-shaped 503 of a request that needs the database while it cannot be reached."""
+    return ServiceUnavailable(
+        f"The {what} could not be checked: the database is unreachable. Please retry shortly.",
+        code="database_unavailable",
+        headers={"Retry-After": str(guard.retry_after_s)},
+    )
+
+
+def _no_limits(limits: KeyLimits) -> bool:
+    return all(
+        v is None
+        for v in (limits.rpm, limits.tpm, limits.max_parallel, limits.daily_tokens, limits.monthly_tokens)
+    )
+
+
+class Authenticator:
+    """Resolves a presented key to a principal: one hash and a cached lookup per request.
+
+    A key is looked up again CACHE_TTL seconds after its last look-up (one query for all the requests that
+    need it meanwhile). While the database cannot be reached, a key seen within the last `stale_s` seconds
+    keeps working from the cache; any other key gets a 503 with Retry-After (never a 401: it may well be
+    valid). A key changed through this worker's KeyStore (disabled, edited, deleted) is replaced in the
+    cache at once, so a disabled key stops here even if the database goes away right after.
+    """
+
+    def __init__(
+        self,
+        store: KeyStore | None,
+        admin_key: str | None,
+        *,
+        auth_required: bool,
+        guard: DatabaseGuard | None = None,
+        stale_s: float = 300.0,
+    ) -> None:
+        self.store = store
+        self.admin_key = admin_key
+        self.auth_required = auth_required
+        self.guard = guard or DatabaseGuard(5.0)
+        self.stale_s = stale_s
+        # sha256 of the secret -> (fresh until, key or None, fetched at) on the monotonic clock
+        self._cache: dict[str, tuple[float, KeyInfo | None, float]] = {}
+        self._by_id: dict[str, str] = {}  # key id -> its digest, for changes made through the KeyStore
+        self._fetching: dict[str, asyncio.Task[KeyInfo | None]] = {}
+        self._touched: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        if store is not None:
+            store.listeners.append(self.key_changed)
+
+    def invalidate(self) -> None:
+        """Look every key up again at its next use; the entries stay as the fallback during an outage."""
+        self._cache = {d: (0.0, info, at) for d, (_, info, at) in self._cache.items() if info is not None}
+
+    def key_changed(self, key_id: str, info: KeyInfo | None) -> None:
+        """The KeyStore changed a key (info None: deleted). Runs in the thread that made the change."""
+        digest = self._by_id.get(key_id)
+        if digest is None:
+            return
+        if info is None:
+            self._cache.pop(digest, None)
+            self._by_id.pop(key_id, None)
+        else:
+            now = time.monotonic()
+            self._cache[digest] = (now + CACHE_TTL, info, now)
+
+    async def lookup(self, secret: str) -> KeyInfo | None:
+        now = time.monotonic()
+        digest = hash_api_key(secret)  # the cache holds hashes, never secrets
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if self.store is None:
+            return None
+        task = self._fetching.get(digest)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(digest))
+            self._fetching[digest] = task
+            task.add_done_callback(lambda _t: self._fetching.pop(digest, None))
+        try:
+            return await asyncio.shield(task)  # a caller that goes away does not cancel the others' look-up
+        except DatabaseUnavailable:
+            hit = self._cache.get(digest)
+            if hit is not None and hit[1] is not None and now - hit[2] <= self.stale_s:
+                _throttle.log(
+                    "stale-keys",
+                    logging.WARNING,
+                    "database unreachable: serving API keys from the worker's cache (entries up to %gs old)",
+                    self.stale_s,
+                )
+                return hit[1]
+            raise database_unavailable(self.guard, "API key") from None
+
+    async def _fetch(self, digest: str) -> KeyInfo | None:
+        assert self.store is not None
+        info = await self.guard.run("key look-up", self.store.find_hash, digest)
+        now = time.monotonic()
+        if len(self._cache) >= CACHE_MAX:
+            self._evict(now)
+        self._cache[digest] = (now + (CACHE_TTL if info is not None else NEGATIVE_TTL), info, now)
+        if info is not None:
+            self._by_id[info.id] = digest
+        return info
+
+    def _evict(self, now: float) -> None:
+        """Drop unknown keys and keys too old to serve even during an outage; if that is not enough, all."""
+        keep = {d: e for d, e in self._cache.items() if e[1] is not None and now - e[2] <= self.stale_s}
+        if len(keep) >= CACHE_MAX * 0.9:
+            keep = {}
+        self._cache = keep
+        self._by_id = {e[1].id: d for d, e in keep.items() if e[1] is not None}
+
+    def _touch(self, key_id: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(key_id, 0.0) < TOUCH_EVERY or self.store is None:
+            return
+        if len(self._touched) >= CACHE_MAX:
+            self._touched.clear()
+        self._touched[key_id] = now
+        task = asyncio.get_running_loop().create_task(self._touch_later(key_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _touch_later(self, key_id: str) -> None:
+        try:
+            assert self.store is not None
+            await self.guard.run("last-use update", self.store.touch, key_id)
+        except DatabaseUnavailable:
+            pass  # logged by the guard; last use is informative only
+        except Exception as exc:
+            _throttle.log("touch", logging.WARNING, "could not update the last use of a key: %s", exc)
+
+    async def __call__(self, token: str, caller: Caller) -> dict[str, Any]:
+        if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
+            caller.is_admin = True
+            caller.key_id = None
+            caller.log["key"] = ADMIN
+            return {"sub": ADMIN, "admin": True}
+        if not self.auth_required:
+            return {"sub": "anonymous"}
+        info = await self.lookup(token) if token.startswith(KEY_PREFIX) else None
+        if info is None:
+            raise AuthenticationFailed(
+                "Incorrect API key provided. You can get an API key from your llm-backend administrator."
+            )
+        if not info.enabled:
+            raise AuthenticationFailed(f"The API key {info.key_prefix}… is disabled.", code="invalid_api_key")
+        if info.expired():
+            raise AuthenticationFailed(f"The API key {info.key_prefix}… has expired.", code="invalid_api_key")
+        if not info.ip_allowed(caller.client_ip):
+            raise PermissionDenied(
+                f"The API key {info.key_prefix}… may not be used from {caller.client_ip}.",
+                code="ip_not_allowed",
+            )
+        caller.key_id = info.id
+        caller.key_name = info.name
+        caller.allowed_models = info.allowed_models
+        caller.limits = info.limits
+        caller.log["key"] = f"{info.key_prefix}… ({info.name})"
+        self._touch(info.id)
+        return {"sub": info.id, "name": info.name}
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+
+
+@dataclass(slots=True)
+class _Admission:
+    limiter: Limiter
+    reservation: Any
+    headers: dict[str, str]
+
+    async def settle(self, total_tokens: int) -> None:
+        await self.limiter.settle(self.reservation, total_tokens)
+
+
+class Gate:
+    """Reserves a request's tokens against its key's limits before forwarding; settled after.
+
+    Budget counters the limiter has lost (SeedNeeded: Redis restarted or flushed, a fresh worker with the
+    in-process limiter, a new day) are re-seeded from the request log before the key's next admission: one
+    query per key and window, shared by the requests that wait for it, run by the DatabaseGuard. The rule
+    against double counting: while a window is unseeded the limiter admits nothing for the key, so the
+    store's counter holds none of the requests the log will report; the seed then keeps the larger of the
+    two (see Limiter.seed), which also covers a budget added to a key in the middle of a day. Requests that
+    ended before the loss but are not yet written by the recorder (a fraction of a second of traffic) are
+    the one thing the seed cannot see.
+
+    If the request log cannot be read: with LIMITER_FAIL_OPEN (the default) the request is admitted on its
+    per-minute and parallel limits, its tokens counted but its budget not checked, until a later request
+    seeds the window; with fail-closed it gets a 503.
+    """
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        default_max_tokens: int,
+        *,
+        store: KeyStore | None = None,
+        guard: DatabaseGuard | None = None,
+        fail_open: bool = True,
+    ) -> None:
+        self.limiter = limiter
+        self.default_max_tokens = default_max_tokens
+        self.store = store
+        self.guard = guard or DatabaseGuard(5.0)
+        self.fail_open = fail_open
+        self._seeding: dict[tuple[str, int, int], asyncio.Task[bool]] = {}
+
+    async def __call__(
+        self, caller: Caller, route: ModelRoute, body: dict[str, Any], operation: Operation = CHAT_OP
+    ) -> _Admission | None:
+        limits = caller.limits
+        if caller.key_id is None or limits is None or _no_limits(limits):
+            return None
+        # the operation's own estimate (embeddings, for one, reserve only their input)
+        reserve = operation.reserve(body, self.default_max_tokens)
+        try:
+            reservation = await self._acquire(caller.key_id, limits, reserve)
+        except LimitExceeded as exc:
+            retry = max(1, math.ceil(exc.retry_after))
+            raise RateLimited(
+                exc.message,
+                code=exc.code,
+                error_type="insufficient_quota" if exc.code == "insufficient_quota" else "rate_limit_error",
+                headers={**exc.state.headers(), "Retry-After": str(retry)},
+            ) from None
+        except LimiterUnavailable:
+            raise ServiceUnavailable(
+                "The rate limiter is unavailable and this server is set to refuse requests it cannot count "
+                "(LIMITER_FAIL_OPEN=false). Try again shortly.",
+                code="limiter_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None
+        return _Admission(self.limiter, reservation, reservation.headers())
+
+    async def _acquire(self, key_id: str, limits: KeyLimits, reserve: int) -> Reservation:
+        for _ in range(3):
+            try:
+                return await self.limiter.acquire(key_id, limits, reserve)
+            except SeedNeeded as need:
+                try:
+                    seeded = await self._seed(need)
+                except LimiterUnavailable:
+                    if not self.fail_open:
+                        raise
+                    seeded = True  # the next acquire finds the store in its back-off: admitted unchecked
+                if not seeded:
+                    break
+        if not self.fail_open:
+            raise database_unavailable(self.guard, "token budget")
+        unbudgeted = dataclasses.replace(limits, daily_tokens=None, monthly_tokens=None)
+        return await self.limiter.acquire(key_id, unbudgeted, reserve)
+
+    async def _seed(self, need: SeedNeeded) -> bool:
+        """Seed the key's budget windows once (per worker) from the request log; False if it cannot be read."""
+        if self.store is None:
+            await self.limiter.seed(need.key_id, need.day, 0, need.month, 0)
+            return True
+        window = (need.key_id, need.day, need.month)
+        task = self._seeding.get(window)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load_and_seed(need))
+            self._seeding[window] = task
+            task.add_done_callback(lambda _t: self._seeding.pop(window, None))
+        return await asyncio.shield(task)
+
+    async def _load_and_seed(self, need: SeedNeeded) -> bool:
+        assert self.store is not None
+        day_start = datetime.fromtimestamp(need.day * 86400, UTC)
+        first_of_month = datetime.fromtimestamp(month_start(need.month), UTC)
+        try:
+            day_tokens, month_tokens = await self.guard.run(
+                "budget seeding", self.store.token_totals, need.key_id, day_start, first_of_month
+            )
+        except DatabaseUnavailable:
+            return False
+        await self.limiter.seed(need.key_id, need.day, day_tokens, need.month, month_tokens)
+        _throttle.log(
+            "seeded",
+            logging.INFO,
+            "budget counters of key %s seeded from the request log: %d tokens today, %d this month",
+            need.key_id,
+            day_tokens,
+            month_tokens,
+        )
+        return True
+
+
+async def setup_access(settings: Settings, resources: Any, stack: contextlib.AsyncExitStack) -> None:
+    store = KeyStore(resources.engine) if resources.engine is not None else None
+    resources.key_store = store
+    keys = settings.auth == "keys"
+    if not keys:
+        logger.warning(
+            "LLM_BACKEND_AUTH=none: every caller is accepted without an API key and no limits apply; "
+            "never run this way where anyone else can reach the port"
+        )
+    if not settings.admin_key:
+        logger.info("LLM_BACKEND_ADMIN_KEY is not set: the /admin routes are disabled")
+    guard = DatabaseGuard(settings.db_statement_timeout_s)
+    stack.callback(guard.close)
+    authenticator = Authenticator(
+        store, settings.admin_key, auth_required=keys, guard=guard, stale_s=settings.key_cache_stale_s
+    )
+    stack.push_async_callback(authenticator.aclose)
+    resources.authenticator = authenticator
+    resources.metrics.gauge(
+        "llm_backend_database_errors_total",
+        "Database calls of the serving path that failed or timed out (key look-ups, budget seeding).",
+        lambda: guard.failures_total,
+    )
+    if not keys:
+        return
+    limiter = make_limiter(
+        settings.redis_url,
+        fail_open=settings.limiter_fail_open,
+        lease_s=settings.limiter_lease_s,
+        seed_budgets=store is not None,
+        timeout_s=settings.redis_timeout_s,
+    )
+    stack.push_async_callback(limiter.close)
+    resources.limiter = limiter
+    resources.admit = Gate(
+        limiter, settings.default_max_tokens, store=store, guard=guard, fail_open=settings.limiter_fail_open
+    )
+    if not settings.redis_url and settings.web_concurrency > 1:
+        logger.warning(
+            "rate limits are kept in each worker's memory (no REDIS_URL) while %d workers run: a key's limits "
+            "apply per worker, not in total; set REDIS_URL to enforce them exactly",
+            settings.web_concurrency,
+        )
+    if hasattr(limiter, "settle_retries_total"):
+        resources.metrics.gauge(
+            "llm_backend_limiter_settle_retries_total",
+            "Settles that could not reach Redis at once and were retried in the background.",
+            lambda: limiter.settle_retries_total,  # type: ignore[attr-defined]
+        )
+    errors = getattr(limiter, "errors_total", None)
+    if errors is not None:
+        resources.metrics.gauge(
+            "llm_backend_limiter_errors_total",
+            "Rate-limiter store errors.",
+            lambda: limiter.errors_total,  # type: ignore[attr-defined]
+        )

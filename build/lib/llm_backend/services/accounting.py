@@ -1,0 +1,191 @@
+"""Settling and recording a forwarded request: the one place a Flight's outcome is settled and recorded."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from llm_backend.recording.records import (
+    OUTCOME_ERROR,
+    OUTCOME_INTERRUPTED,
+    OUTCOME_OK,
+    RequestRecord,
+    Usage,
+)
+from llm_backend.services.flight import Flight, NullSink, RecordSink
+from llm_backend.upstream.base import Backend
+from llm_backend.upstream.errors import UpstreamError
+
+logger = logging.getLogger(__name__)
+
+
+class Accountant:
+    """Settles a request's rate-limit reservation and hands its record to the recorder, once each."""
+
+    def __init__(self, recorder: RecordSink | None = None, *, record_content: bool = True) -> None:
+        self.recorder: RecordSink = recorder or NullSink()
+        self.record_content = record_content
+        # provisional records (journaled when the upstream is asked), if the sink keeps them
+        self.started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
+
+    async def settle(self, flight: Flight, tokens: int) -> None:
+        """Settle the reservation with the tokens used (only the first call counts)."""
+        if flight.settled:
+            return
+        flight.settled = True
+        admission = flight.admission
+        if admission is None:
+            return
+        try:
+            await admission.settle(tokens)
+        except Exception:  # the answer is already decided; a limiter hiccup must not change it
+            logger.exception("settling a rate-limit reservation failed")
+
+    def estimate(self, flight: Flight, completion_tokens: int = 0) -> Usage:
+        """Usage counted by us (marked estimated): the prompt, and what was answered, as far as we know."""
+        prompt = flight.op.prompt_tokens(flight.body)
+        return Usage(prompt, completion_tokens, prompt + completion_tokens, estimated=True)
+
+    async def finish(self, flight: Flight, usage: Usage, reply: dict[str, Any] | None) -> None:
+        """A JSON answer: settle, then record."""
+        await self.settle(flight, usage.total_tokens)
+        self.answered(flight, outcome=OUTCOME_OK, usage=usage, reply=reply)
+
+    def stream_ended(
+        self,
+        flight: Flight,
+        outcome: str,
+        error_type: str | None,
+        usage: Usage,
+        reply: dict[str, Any] | None,
+        first_token: float | None,
+    ) -> None:
+        """Record a stream, however it ended (before its end goes out; it settles after)."""
+        caller = flight.caller
+        ttft = (first_token - caller.started) * 1000 if first_token is not None else None
+        caller.log["outcome"] = outcome
+        self.answered(flight, outcome=outcome, usage=usage, reply=reply, error_type=error_type, ttft_ms=ttft)
+
+    def answered(
+        self,
+        flight: Flight,
+        *,
+        outcome: str,
+        usage: Usage,
+        reply: dict[str, Any] | None,
+        error_type: str | None = None,
+        ttft_ms: float | None = None,
+        status: int = 200,
+    ) -> None:
+        """Record a request that reached a backend (a stream records this before its end goes out; it
+        settles after)."""
+        caller = flight.caller
+        state = flight.state
+        route = flight.route
+        assert state is not None and route is not None
+        backend = state.backend
+        caller.log.update(backend=backend.name, attempts=flight.attempts, tokens=usage.total_tokens)
+        content = self.record_content and caller.record_messages
+        requested = flight.requested
+        self._submit(
+            self._base_record(flight, status, outcome, error_type),
+            model=route.name if not route.config.wildcard else requested,
+            provider=backend.provider,
+            backend=backend.name,
+            deployment=backend.upstream_model(requested or route.name),
+            attempts=flight.attempts,
+            usage=usage,
+            ttft_ms=ttft_ms,
+            request_messages=flight.op.messages(flight.body) if content else None,
+            response_message=reply if content and outcome != OUTCOME_ERROR else None,
+        )
+
+    def journal_start(
+        self, flight: Flight, backend: Backend, usage: Usage | None = None, *, status: int = 502
+    ) -> None:
+        """Journal what to record if this process dies before the request ends: outcome `interrupted`,
+        tokens estimated (the prompt; for a stream, what was relayed so far)."""
+        started = self.started
+        if started is None:
+            return
+        caller = flight.caller
+        route = flight.route
+        assert route is not None
+        recorded = caller.recorded
+        base = self._base_record(flight, status, OUTCOME_INTERRUPTED, "worker_died")
+        caller.recorded = recorded  # a provisional record does not count as the request's record
+        requested = flight.requested
+        try:
+            started(
+                RequestRecord(
+                    **base,
+                    model=route.name if not route.config.wildcard else requested,
+                    provider=backend.provider,
+                    backend=backend.name,
+                    deployment=backend.upstream_model(requested or route.name),
+                    usage=usage or self.estimate(flight),
+                )
+            )
+        except Exception:  # recording must never break serving
+            logger.exception("journaling a started request failed")
+
+    async def fail(self, flight: Flight, status: int, error_type: str | None, exc: Any = None) -> None:
+        """The request failed before an answer (refused, or every upstream attempt failed)."""
+        await self.settle(flight, 0)
+        self.failed(flight, status, error_type, exc)
+
+    def failed(
+        self,
+        flight: Flight,
+        status: int,
+        error_type: str | None,
+        exc: Any = None,
+        *,
+        operation: str | None = None,
+    ) -> None:
+        """Record a failure (`operation` names it when the request never reached an operation's code)."""
+        upstream = exc if isinstance(exc, UpstreamError) else None
+        backend_name = upstream.backend if upstream is not None else None
+        flight.caller.log.update(backend=backend_name, error=error_type)
+        route = flight.route
+        self._submit(
+            self._base_record(flight, status, OUTCOME_ERROR, error_type, operation),
+            model=route.name if route is not None and not route.config.wildcard else None,
+            backend=backend_name,
+            attempts=int(getattr(upstream, "attempts", 1 if upstream is not None else 0)),
+        )
+
+    def _base_record(
+        self, flight: Flight, status: int, outcome: str, error_type: str | None, operation: str | None = None
+    ) -> dict[str, Any]:
+        """The fields every record has, whatever became of the request."""
+        caller = flight.caller
+        caller.recorded = True
+        user = flight.body.get("user")
+        return {
+            "request_id": caller.request_id,
+            "created_at": caller.created_at,
+            "route": caller.route,
+            "operation": operation or flight.op.name,
+            "status_code": status,
+            "outcome": outcome,
+            "error_type": error_type,
+            "stream": flight.stream,
+            "model_requested": flight.requested,
+            "latency_ms": (time.perf_counter() - caller.started) * 1000,
+            "key_id": caller.key_id,
+            "user": user if isinstance(user, str) else None,
+            "client_ip": caller.client_ip,
+            "conversation_id": flight.conversation_id,
+            "external_conversation_id": caller.external_conversation_id,
+            "client_request_id": caller.client_request_id,
+            "continues": flight.continues,
+        }
+
+    def _submit(self, base: dict[str, Any], **fields: Any) -> None:
+        try:
+            self.recorder.submit(RequestRecord(**base, **fields))
+        except Exception:  # recording must never break serving
+            logger.exception("handing a record to the recorder failed")

@@ -1,0 +1,102 @@
+"""The per-request objects: who is asking (Caller) and one forwarded request with its outcome (Flight)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llm_backend.recording.records import RequestRecord, Usage
+
+if TYPE_CHECKING:
+    from llm_backend.services.operations import Operation
+    from llm_backend.upstream.router import BackendState, ModelRoute
+
+
+class RecordSink(Protocol):
+    """Where records go. A sink may also have `started(record)`: a provisional record, journaled when the
+    upstream is asked, for the request to be recorded even if the process dies before it ends."""
+
+    def submit(self, record: RequestRecord) -> None: ...
+
+
+class NullSink:
+    """Recording switched off."""
+
+    def submit(self, record: RequestRecord) -> None:
+        return None
+
+
+class Admission(Protocol):
+    """What access control hands back for an admitted request; settled once with the real usage."""
+
+    headers: dict[str, str]
+
+    async def settle(self, total_tokens: int) -> None: ...
+
+
+Admit = Callable[..., Any]  # (caller, route, body, operation) -> Admission | None
+OnReply = Callable[[dict[str, Any] | None, Usage, str], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Caller:
+    """Who is asking and how, as the API layer saw it. `log` collects fields for the access log line."""
+
+    request_id: str
+    route: str
+    client_ip: str | None = None
+    key_id: str | None = None
+    allowed_models: frozenset[str] | None = None  # None: every model
+    key_name: str | None = None
+    is_admin: bool = False
+    limits: Any = None  # llm_backend.limits.KeyLimits of the key, when it has any
+    conversation_id: str | None = None
+    external_conversation_id: str | None = None  # the client's chat id (CONVERSATION_ID_HEADERS), per key
+    client_request_id: str | None = None  # the id the client sent for the request (ours is request_id)
+    started: float = field(default_factory=time.perf_counter)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    log: dict[str, Any] = field(default_factory=dict)
+    recorded: bool = False
+    record_messages: bool = True
+
+
+@dataclass(slots=True)
+class Flight:
+    """One request through forward(): what was asked (fixed when it is built) and what became of it.
+
+    Settling the limiter's reservation and recording happen once, in llm_backend.services.accounting,
+    whatever ends the request.
+    """
+
+    op: Operation
+    caller: Caller
+    body: dict[str, Any]
+    requested: str | None  # the model the client named (or the Azure deployment of the path)
+    stream: bool
+    route: ModelRoute | None = None
+    admission: Any = None
+    state: BackendState | None = None
+    attempts: int = 0
+    settled: bool = False
+    on_reply: OnReply | None = None
+    conversation_id: str | None = None  # the conversation to record into (explicit, or a Responses chain)
+    continues: bool = False  # the recorded messages are new turns of `conversation_id` as they are
+    pinned: str | None = None  # the response id whose backend this request must go to (Responses API)
+    # sees the response object of a JSON answer, or the first one of a typed-event stream
+    on_response: Callable[[Flight, dict[str, Any]], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JsonResult:
+    content: bytes
+    status_code: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    frames: AsyncIterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)

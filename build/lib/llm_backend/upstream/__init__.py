@@ -1,0 +1,1 @@
+"""Upstream backends (Azure OpenAI, OpenAI-compatible servers, the mock) and the router across them."""

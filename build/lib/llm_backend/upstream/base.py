@@ -1,0 +1,150 @@
+"""The backend interface every upstream implements, and the SSE reader shared by them."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from llm_backend.config import BackendConfig
+
+# Operations a backend can be asked for, as the path suffix OpenAI and Azure both use.
+CHAT = "chat/completions"
+COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
+RESPONSES = "responses"
+RESPONSES_INPUT_TOKENS = "responses/input_tokens"
+# The operations Azure's deployment-style API serves under /openai/deployments/{deployment}/; every other
+# one (the Responses API) lives at /openai/<suffix>?api-version=… there, with the deployment as `model`.
+DEPLOYMENT_SCOPED = frozenset({CHAT, COMPLETIONS, EMBEDDINGS})
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """A complete (non-streamed) upstream answer: the body bytes exactly as the upstream sent them."""
+
+    status_code: int
+    content: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class UpstreamStream(abc.ABC):
+    """An opened upstream stream whose status was 2xx: yields each SSE `data:` payload, `[DONE]` excluded.
+
+    A stream opened with `events=True` yields `(event block, data)` pairs instead: the event's bytes exactly
+    as the upstream sent them (its `event:` line included) and its data, and treats the end of the bytes as
+    the end of the stream (typed-event streams have no `[DONE]`; their last event says how they ended).
+    """
+
+    headers: Mapping[str, str] = {}
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop reading and release the upstream connection (cancels the upstream generation)."""
+
+
+class Backend(abc.ABC):
+    """One upstream deployment/server. Implementations raise llm_backend.upstream.errors on failure."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.provider = config.provider
+
+    def upstream_model(self, requested: str) -> str:
+        """The deployment or model name the upstream will see, for records and logs."""
+        return self.config.deployment or self.config.model or requested
+
+    def rewrites_model(self) -> bool:
+        """True when the body's `model` must be replaced by the upstream model name before sending."""
+        return False
+
+    def body_model(self, operation: str) -> str | None:
+        """The `model` the upstream must find in the body of `operation`, when it is not the client's."""
+        return self.config.model if self.rewrites_model() else None
+
+    @abc.abstractmethod
+    async def post(self, operation: str, body: bytes, *, model: str) -> UpstreamResponse:
+        """Send a non-streaming request; return the 2xx answer or raise an UpstreamError."""
+
+    @abc.abstractmethod
+    async def open_stream(
+        self, operation: str, body: bytes, *, model: str, events: bool = False
+    ) -> UpstreamStream:
+        """Send a streaming request and return once the upstream answered 2xx; raise an UpstreamError else.
+
+        `events=True` (typed-event streams) makes the stream yield `(event block, data)` pairs."""
+
+    async def send(
+        self, method: str, path: str, body: bytes | None = None, *, query: Mapping[str, str] | None = None
+    ) -> UpstreamResponse:
+        """A call on a stored resource (`responses/{id}`…): the 2xx answer, or an UpstreamError."""
+        raise NotImplementedError(f"backend {self.name!r} does not serve stored resources")
+
+    async def list_models(self) -> list[dict[str, object]] | None:
+        """The upstream's model list if it can give one cheaply; None when unknown."""
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (lifespan shutdown)."""
+
+
+class StreamEndedEarly(Exception):
+    """The byte stream ended before the `data: [DONE]` event."""
+
+
+async def iter_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
+    """Split a byte stream into SSE events: yields `(block, data)` for every event that has data, the block
+    being the event's lines as sent (`event:`, `data:`, `id:`…, without the blank line that ends it).
+
+    The stream ends with the bytes; a `data: [DONE]` event is passed on like any other (the caller decides).
+    """
+    buffer = b""
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        buffer += chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        while True:
+            end = buffer.find(b"\n\n")
+            if end < 0:
+                break
+            block, buffer = buffer[:end], buffer[end + 2 :]
+            data = _event_data(block)
+            if data is not None:
+                yield block, data
+    rest = buffer.strip(b"\n")
+    if rest:
+        data = _event_data(rest)
+        if data is not None:
+            yield rest, data
+
+
+async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split a byte stream into SSE events and yield each event's data (joined lines), stopping at [DONE].
+
+    Raises StreamEndedEarly when the bytes end without [DONE]: the answer was cut off.
+    """
+    async for _, data in iter_sse_events(chunks):
+        if data == b"[DONE]":
+            # read the body to its end, so the connection goes back to the pool instead of being closed
+            async for _ in chunks:
+                pass
+            return
+        yield data
+    raise StreamEndedEarly()
+
+
+def _event_data(block: bytes) -> bytes | None:
+    if block.startswith(b"data:") and b"\n" not in block:
+        return block[6:] if block[5:6] == b" " else block[5:]
+    lines = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(lines) if lines else None
