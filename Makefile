@@ -52,7 +52,7 @@ format: ## reformat and autofix with ruff
 	$(BIN)/ruff format llm_backend tests bench migrations
 	$(BIN)/ruff check --fix llm_backend tests bench migrations
 
-bench: ## benchmark: the upstream directly vs through llm-backend
+bench: ## benchmark: the upstream directly vs through llm-backend (analytics at scale: python -m bench.analytics)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench --streams 10000
 

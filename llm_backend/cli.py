@@ -265,8 +265,32 @@ def _model_summary(settings: Settings) -> list[dict[str, Any]]:
                     "priority": b.priority,
                 }
             )
-        out.append({"name": m.name, "aliases": list(m.aliases), "strategy": m.strategy, "backends": backends})
+        summary: dict[str, Any] = {
+            "name": m.name,
+            "aliases": list(m.aliases),
+            "strategy": m.strategy,
+            "backends": backends,
+        }
+        if m.context_window is not None:
+            summary["context_window"] = m.context_window
+        if m.max_output_tokens is not None:
+            summary["max_output_tokens"] = m.max_output_tokens
+        if m.prices is not None:
+            summary["prices"] = {
+                "input": m.prices.input,
+                "cached_input": m.prices.cached_input,
+                "output": m.prices.output,
+            }
+        out.append(summary)
     return out
+
+
+def _prices_cell(model: Mapping[str, Any]) -> str | None:
+    """`2.5/1.25/10` (input/cached input/output per million tokens) for check-config's table."""
+    prices = model.get("prices")
+    if not prices:
+        return None
+    return "/".join(f"{prices[k]:g}" for k in ("input", "cached_input", "output"))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -290,12 +314,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         _print_json({"source": settings.config_source, "valid": True, "models": models})
         return 0
     rows = [
-        {"model": m["name"], "aliases": m["aliases"], "strategy": m["strategy"], **b}
+        {
+            "model": m["name"],
+            "aliases": m["aliases"],
+            "strategy": m["strategy"],
+            **b,
+            "context_window": m.get("context_window"),
+            "max_output_tokens": m.get("max_output_tokens"),
+            "prices": _prices_cell(m),
+        }
         for m in models
         for b in m["backends"]
     ]
+    columns = ["model", "aliases", "strategy", "name", "provider", "target"]
+    # the metadata columns only when some model declares them, so that a plain file reads as before
+    columns += [
+        c for c in ("context_window", "max_output_tokens", "prices") if any(r[c] is not None for r in rows)
+    ]
     _print_table(
-        rows, ["model", "aliases", "strategy", "name", "provider", "target"], headers={"name": "backend"}
+        rows,
+        columns,
+        headers={
+            "name": "backend",
+            "context_window": "context",
+            "max_output_tokens": "max_output",
+            "prices": "per 1M in/cached/out",
+        },
     )
     backends = sum(len(m["backends"]) for m in models)
     print(
@@ -376,6 +420,17 @@ def _keys(args: argparse.Namespace, store: Any) -> int:
 _USAGE_TOTALS = ["requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "estimated"]
 
 
+class _Money(float):
+    """A cost as the usage table shows it: six decimals (a millionth of the currency), more only for a
+    cost smaller than that; right-aligned like the other numbers."""
+
+    def __str__(self) -> str:
+        shown = f"{self:.6f}"
+        if float(self) != 0 and shown.lstrip("-") == "0.000000":
+            shown = f"{self:.12f}".rstrip("0")
+        return shown
+
+
 def _key_id(engine: Any, id_or_name: str) -> str:
     """A key given by its id or by its name (which must then be unambiguous)."""
     from llm_backend.services.keys import KeyStore
@@ -407,12 +462,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
     for row in rows:
         if row.get("key_id") and "key_name" in row and row["key_name"] is None:
             row["key_name"] = "(deleted)"
+        if row.get("cost") is not None:
+            row["cost"] = _Money(row["cost"])
     columns: list[str] = []
     for g in groups:
         columns += ["key_id", "key_name"] if g == "key" else [g]
     _print_table(
         rows,
-        [*columns, *_USAGE_TOTALS],
+        [*columns, *_USAGE_TOTALS, "cost"],
         empty=f"no requests since {_cell(since)}",
     )
     return 0

@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+from connexion import request
 from starlette.responses import Response
 
 from llm_backend.api.common import body, caller, json_response, parse_time, resources
@@ -129,7 +130,6 @@ async def list_requests(
     backend: str | None = None,
     outcome: str | None = None,
     status_code: int | None = None,
-    user: str | None = None,
     client_ip: str | None = None,
     request_id: str | None = None,
     cursor: str | None = None,
@@ -138,6 +138,8 @@ async def list_requests(
     from llm_backend.services.analytics import InvalidCursor, RequestFilter, request_page
 
     start, end = _window(since, until)
+    # `user` is read from the query itself: Connexion passes its security principal as a `user` argument
+    user = request.query_params.get("user")
     filters = RequestFilter(
         since=start,
         until=end,

@@ -52,6 +52,9 @@ class RequestLog(Base):
     conversation_id: Mapped[str | None] = mapped_column(sa.String(64))
     # what the client sent as its own id (X-Client-Request-Id, x-ms-client-request-id or X-Request-Id)
     client_request_id: Mapped[str | None] = mapped_column(sa.String(512))
+    # the request's cost at the prices of the model that answered, in the prices' currency (USD as
+    # providers bill); NULL when that model has no prices configured
+    cost: Mapped[float | None] = mapped_column(sa.Float)
 
     __table_args__ = (
         sa.Index("ix_request_log_created_at", "created_at"),

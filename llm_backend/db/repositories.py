@@ -67,6 +67,8 @@ class UsageRow:
     total_tokens: int
     cached_tokens: int
     reasoning_tokens: int
+    # the sum of the priced requests' costs; None when none of the group's requests had prices
+    cost: float | None = None
 
 
 def _request_filters(stmt: Any, since: datetime, until: datetime, **equal: str | None) -> Any:
@@ -200,6 +202,7 @@ class RequestLogRepository:
             total(RequestLog.total_tokens).label("total_tokens"),
             total(RequestLog.cached_tokens).label("cached_tokens"),
             total(RequestLog.reasoning_tokens).label("reasoning_tokens"),
+            sa.func.sum(RequestLog.cost).label("cost"),  # NULL (not 0) when no row of the group is priced
         )
         stmt = _request_filters(
             stmt, since, until, key_id=key_id, model=model, client_request_id=client_request_id
@@ -223,6 +226,7 @@ class RequestLogRepository:
                     total_tokens=int(row["total_tokens"]),
                     cached_tokens=int(row["cached_tokens"]),
                     reasoning_tokens=int(row["reasoning_tokens"]),
+                    cost=float(row["cost"]) if row["cost"] is not None else None,
                 )
             )
         return rows
@@ -454,6 +458,54 @@ class RollupRepository:
         table = _ROLLUP_TABLES[granularity]
         return _grouped(self.session, table, since, until, group_by, sums, equal)
 
+    def totals_sets(
+        self,
+        granularity: str,
+        since: datetime,
+        until: datetime,
+        sets: Sequence[Sequence[str]],
+        *,
+        sums: Sequence[str] = ROLLUP_SUMS,
+        **equal: str | None,
+    ) -> list[list[dict[str, Any]]]:
+        """`totals` for several groupings at once, one result list per grouping: on PostgreSQL one scan of
+        the range (GROUP BY GROUPING SETS), elsewhere one query per grouping."""
+        table = _ROLLUP_TABLES[granularity]
+        if self._dialect() != "postgresql" or len(sets) < 2:
+            return [_grouped(self.session, table, since, until, g, sums, equal) for g in sets]
+        columns = list(dict.fromkeys(c for g in sets for c in g))
+        grouping = sa.func.grouping(*(table.c[c] for c in columns)).label("grouping_id")
+        stmt = sa.select(
+            *(table.c[c] for c in columns), grouping, *(sa.func.sum(table.c[s]).label(s) for s in sums)
+        ).where(table.c.bucket >= since, table.c.bucket < until)
+        for column, value in equal.items():
+            if value is not None:
+                stmt = stmt.where(table.c[column] == value)
+        stmt = stmt.group_by(sa.func.grouping_sets(*(sa.tuple_(*(table.c[c] for c in g)) for g in sets)))
+        # GROUPING() sets bit (n-1-i) for column i when it is not grouped in a row's set
+        ids = {}
+        for n, g in enumerate(sets):
+            mask = 0
+            for i, c in enumerate(columns):
+                if c not in g:
+                    mask |= 1 << (len(columns) - 1 - i)
+            ids[mask] = n
+        out: list[list[dict[str, Any]]] = [[] for _ in sets]
+        for row in self.session.execute(stmt).mappings():
+            n = ids[row["grouping_id"]]
+            item = {c: row[c] for c in sets[n]}
+            for c in sets[n]:
+                if c == "bucket":
+                    item[c] = _aware(item[c])
+                elif item[c] == "":
+                    item[c] = None
+            for name in sums:
+                item[name] = row[name] or 0
+            out[n].append(item)
+        for n, g in enumerate(sets):
+            out[n].sort(key=_sort_key(g))
+        return out
+
     def caller_totals(
         self,
         since: datetime,
@@ -469,6 +521,13 @@ class RollupRepository:
         return _grouped(
             self.session, USAGE_CALLERS_DAILY, since, until, group_by, CALLER_SUMS, equal, order_by, limit
         )
+
+
+def _sort_key(columns: Sequence[str]) -> Any:
+    def key(row: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple("" if row[c] is None else str(row[c]) for c in columns)
+
+    return key
 
 
 def _grouped(

@@ -51,6 +51,9 @@ class RequestRecord:
     deployment: str | None = None  # the upstream deployment/model that answered
     attempts: int = 1
     usage: Usage = field(default_factory=Usage)
+    # what the usage cost at the prices of the model that answered (llm_backend.services.pricing);
+    # None when that model has no prices configured
+    cost: float | None = None
     latency_ms: float = 0.0
     ttft_ms: float | None = None  # time to first token (streams)
     key_id: str | None = None

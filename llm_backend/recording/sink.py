@@ -96,6 +96,7 @@ def record_to_row(record: RequestRecord, conversation_id: str | None) -> dict[st
         "cached_tokens": usage.cached_tokens,
         "reasoning_tokens": usage.reasoning_tokens,
         "tokens_estimated": usage.estimated,
+        "cost": record.cost,
         "latency_ms": record.latency_ms,
         "ttft_ms": record.ttft_ms,
         "key_id": record.key_id,

@@ -15,6 +15,7 @@ from llm_backend.recording.records import (
     Usage,
 )
 from llm_backend.services.flight import Flight, NullSink, RecordSink
+from llm_backend.services.pricing import PriceBook
 from llm_backend.upstream.base import Backend
 from llm_backend.upstream.errors import UpstreamError
 
@@ -24,9 +25,16 @@ logger = logging.getLogger(__name__)
 class Accountant:
     """Settles a request's rate-limit reservation and hands its record to the recorder, once each."""
 
-    def __init__(self, recorder: RecordSink | None = None, *, record_content: bool = True) -> None:
+    def __init__(
+        self,
+        recorder: RecordSink | None = None,
+        *,
+        record_content: bool = True,
+        prices: PriceBook | None = None,
+    ) -> None:
         self.recorder: RecordSink = recorder or NullSink()
         self.record_content = record_content
+        self.prices = prices or PriceBook(())
         # provisional records (journaled when the upstream is asked), if the sink keeps them
         self.started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
 
@@ -97,6 +105,7 @@ class Accountant:
             deployment=backend.upstream_model(requested or route.name),
             attempts=flight.attempts,
             usage=usage,
+            cost=self.cost(flight, usage),
             ttft_ms=ttft_ms,
             request_messages=flight.op.messages(flight.body) if content else None,
             response_message=reply if content and outcome != OUTCOME_ERROR else None,
@@ -125,7 +134,8 @@ class Accountant:
                     provider=backend.provider,
                     backend=backend.name,
                     deployment=backend.upstream_model(requested or route.name),
-                    usage=usage or self.estimate(flight),
+                    usage=(usage := usage or self.estimate(flight)),
+                    cost=self.cost(flight, usage),
                 )
             )
         except Exception:  # recording must never break serving
@@ -155,7 +165,25 @@ class Accountant:
             model=route.name if route is not None and not route.config.wildcard else None,
             backend=backend_name,
             attempts=int(getattr(upstream, "attempts", 1 if upstream is not None else 0)),
+            # no tokens were used: it cost nothing, where the model has prices (None where it has none)
+            cost=self.cost(flight, Usage()) if route is not None else None,
         )
+
+    def cost(self, flight: Flight, usage: Usage) -> float | None:
+        """What `usage` cost at the prices of the model that answered (the upstream's `model`, where it
+        named one), else of the model the request was routed to; None when neither has prices."""
+        route = flight.route
+        try:
+            return self.prices.cost(
+                answered=flight.answered_model,
+                requested=route.config if route is not None else flight.requested,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+            )
+        except Exception:  # pricing must never break recording
+            logger.exception("computing a request's cost failed")
+            return None
 
     def _base_record(
         self, flight: Flight, status: int, outcome: str, error_type: str | None, operation: str | None = None

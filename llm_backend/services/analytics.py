@@ -52,6 +52,7 @@ from llm_backend.db.repositories import (
     floor_hour,
 )
 from llm_backend.db.session import session_scope
+from llm_backend.services.pricing import round_cost
 
 __all__ = [
     "DAY",
@@ -290,7 +291,7 @@ def _totals(sums: Mapping[str, Any], *, errors: int = 0) -> Totals:
         cached_tokens=int(sums.get("cached_tokens") or 0),
         reasoning_tokens=int(sums.get("reasoning_tokens") or 0),
         priced=priced,
-        cost=round(float(sums.get("cost") or 0.0), 6) if priced else None,
+        cost=round_cost(float(sums.get("cost") or 0.0)) if priced else None,
         latency_avg_ms=round(float(sums.get("latency_ms_sum") or 0.0) / requests, 1) if requests else None,
         latency_p50_ms=percentile(latency, 0.5),
         latency_p95_ms=percentile(latency, 0.95),
@@ -339,16 +340,22 @@ def overview(
     filters = {"key_id": key_id, "model": model, "backend": backend}
     with session_scope(engine) as session:
         rollups = RollupRepository(session)
-        # One read by (bucket, outcome, error_type) for the series, totals and errors by kind ...
-        by_bucket = rollups.totals(
-            granularity, start, end, ["bucket", "outcome", "error_type"], sums=_HISTOGRAM_SUMS, **filters
+        # One read (one scan on PostgreSQL) by (bucket, outcome, error_type) for the series, totals and
+        # errors by kind, and by each breakdown dimension with the outcome.
+        by_bucket, by_model, by_key, by_backend = rollups.totals_sets(
+            granularity,
+            start,
+            end,
+            [
+                ["bucket", "outcome", "error_type"],
+                ["model", "outcome"],
+                ["key_id", "outcome"],
+                ["backend", "outcome"],
+            ],
+            sums=_HISTOGRAM_SUMS,
+            **filters,
         )
-        # ... and one per breakdown dimension, without the histograms.
-        dims: dict[str, list[dict[str, Any]]] = {}
-        for name, column in (("model", "model"), ("key", "key_id"), ("backend", "backend")):
-            dims[name] = rollups.totals(
-                granularity, start, end, [column, "outcome"], sums=_SCALAR_SUMS, **filters
-            )
+        dims = {"model": by_model, "key": by_key, "backend": by_backend}
         callers_since, callers_until = start, end
         if model is None and backend is None and end - start >= timedelta(days=1):
             callers_since, callers_until = aligned_range(start, end, DAY)
@@ -426,7 +433,7 @@ def overview(
                 requests=int(c["requests"]),
                 errors=int(c["errors"]),
                 total_tokens=int(c["total_tokens"]),
-                cost=round(float(c["cost"]), 6) if c["priced"] else None,
+                cost=round_cost(float(c["cost"])) if c["priced"] else None,
             )
             for c in callers
         ],
@@ -466,7 +473,7 @@ def _breakdown(
                 prompt_tokens=int(acc["prompt_tokens"]),
                 completion_tokens=int(acc["completion_tokens"]),
                 total_tokens=int(acc["total_tokens"]),
-                cost=round(float(acc["cost"]), 6) if acc["priced"] else None,
+                cost=round_cost(float(acc["cost"])) if acc["priced"] else None,
                 latency_avg_ms=round(float(acc["latency_ms_sum"]) / requests, 1) if requests else None,
             )
         )
@@ -482,7 +489,7 @@ def _caller_row(row: Mapping[str, Any], column: str) -> BreakdownRow:
         prompt_tokens=int(row["prompt_tokens"]),
         completion_tokens=int(row["completion_tokens"]),
         total_tokens=int(row["total_tokens"]),
-        cost=round(float(row["cost"]), 6) if row["priced"] else None,
+        cost=round_cost(float(row["cost"])) if row["priced"] else None,
     )
 
 
@@ -575,6 +582,8 @@ def usage_report(
             "user": r.get("user") if "user" in keys else None,
             "backend": r.get("backend") if "backend" in keys else None,
             **{f: int(r.get(f) or 0) for f in _USAGE_FIELDS},
+            # the priced requests' cost sum; None when none of the group's requests had prices
+            "cost": round_cost(r.get("cost")) if r.get("priced", 1) else None,
         }
         if "key" in keys:
             row = {
@@ -624,7 +633,7 @@ def _usage_from_rollups(
     return [merged[k] for k in sorted(merged, key=lambda k: tuple("" if v is None else str(v) for v in k))]
 
 
-_USAGE_FIELDS_ROLLUP = tuple(f for f in _USAGE_FIELDS if f != "errors")
+_USAGE_FIELDS_ROLLUP = (*(f for f in _USAGE_FIELDS if f != "errors"), "priced", "cost")
 
 
 def _usage_from_callers(

@@ -85,6 +85,8 @@ class Flight:
     conversation_id: str | None = None  # the conversation to record into (explicit, or a Responses chain)
     continues: bool = False  # the recorded messages are new turns of `conversation_id` as they are
     pinned: str | None = None  # the response id whose backend this request must go to (Responses API)
+    # the model the upstream says answered (its `model`: a snapshot name, or a model router's pick)
+    answered_model: str | None = None
     # sees the response object of a JSON answer, or the first one of a typed-event stream
     on_response: Callable[[Flight, dict[str, Any]], None] | None = None
 

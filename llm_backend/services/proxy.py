@@ -25,6 +25,7 @@ from llm_backend.services.flight import (
     StreamResult,
 )
 from llm_backend.services.operations import CHAT_CHUNKS, CHAT_OP, EVENTS, OPERATIONS, Operation, chat_usage
+from llm_backend.services.pricing import PriceBook, model_metadata
 from llm_backend.services.streaming import DONE_FRAME, relay_chunks, relay_events
 from llm_backend.upstream.base import Backend
 from llm_backend.upstream.errors import (
@@ -68,7 +69,7 @@ class ProxyService:
         record_content: bool = True,
     ) -> None:
         self.router = router
-        self.accounts = Accountant(recorder, record_content=record_content)
+        self.accounts = Accountant(recorder, record_content=record_content, prices=PriceBook(router.models))
         self.recorder: RecordSink = self.accounts.recorder
         self.record_content = record_content
 
@@ -94,8 +95,11 @@ class ProxyService:
                 m.name in caller.allowed_models or any(a in caller.allowed_models for a in m.aliases)
             ):
                 continue
+            extra = model_metadata(m)  # context window, prices: only what the models file gives
             for name in (m.name, *m.aliases):
-                out.append({"id": name, "object": "model", "created": 1700000000, "owned_by": m.owned_by})
+                out.append(
+                    {"id": name, "object": "model", "created": 1700000000, "owned_by": m.owned_by, **extra}
+                )
         return out
 
     # -- forwarding -------------------------------------------------------------------------------------
@@ -327,6 +331,8 @@ class ProxyService:
             raise
         # no usage in the answer: count the prompt and the reply, marked estimated
         usage = op.usage(data) or self.accounts.estimate(flight, op.answer_tokens(data))
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            flight.answered_model = data["model"]  # e.g. the model Azure's model router chose
         if flight.on_response is not None and isinstance(data, dict):
             flight.on_response(flight, data)
         await self.accounts.finish(flight, usage, op.reply(data))

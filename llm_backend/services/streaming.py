@@ -144,6 +144,8 @@ async def relay_chunks(
                 yield b"data: " + payload + b"\n\n"
                 break
             choices = chunk.get("choices")
+            if flight.answered_model is None and isinstance(answered := chunk.get("model"), str) and answered:
+                flight.answered_model = answered  # (Azure's first, empty-choices chunk names none)
             if chunk.get("usage"):
                 usage = chat_usage(chunk["usage"])
             if not choices:
@@ -289,6 +291,8 @@ async def relay_events(
     next_progress = 0.0
 
     def finish() -> tuple[Usage, dict[str, Any] | None]:
+        if response is not None and isinstance(response.get("model"), str) and response["model"]:
+            flight.answered_model = response["model"]
         read = responses_usage(response.get("usage")) if response is not None else None
         usage = read or accountant.estimate(flight, count_tokens(_delta_text(deltas)))
         reply = response_reply(response) if response is not None and response.get("output") else None
