@@ -1,1 +1,0 @@
-"""The domain: forwarding, access control, conversations and usage; no web framework here."""

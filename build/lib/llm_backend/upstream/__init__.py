@@ -1,1 +1,0 @@
-"""Upstream backends (Azure OpenAI, OpenAI-compatible servers, the mock) and the router across them."""
