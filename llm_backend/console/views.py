@@ -142,10 +142,14 @@ def _parse_when(text: str | None, *, end: bool = False) -> datetime | None:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         return None
-    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    if end and len(text.strip()) == 10:
-        when += timedelta(days=1)
-    return when
+    try:
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+        if end and len(text.strip()) == 10:
+            when += timedelta(days=1)
+    except OverflowError:
+        return None
+    # records exist between these years; outside them a bucket boundary could not even be computed
+    return when if 1970 <= when.year <= 9000 else None
 
 
 @dataclass(frozen=True, slots=True)

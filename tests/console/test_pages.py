@@ -117,6 +117,14 @@ def test_spend_export_and_hostile_filters(console_client: Callable[..., Any]) ->
         assert page.status_code == 200 and text in page.text, query
     assert "Invalid pagination cursor" in client.get("/console/conversations?cursor=zzz").text
     assert client.get("/console?range=custom&since=2000-01-01&until=2026-01-01").status_code == 200
+    for since, until in (
+        ("0001-01-01", "0001-01-02"),
+        ("9999-12-30", "9999-12-31"),
+    ):
+        page = client.get(f"/console?range=custom&since={since}&until={until}")
+        assert page.status_code == 200 and "start before its end" in page.text, (since, until)
+    # an end past any record reads as "until now"
+    assert client.get("/console?range=custom&since=2026-01-01&until=9999-12-31").status_code == 200
     # the request log filters by user and by the client's request id
     assert rid in client.get(f"/console/requests?request_id={rid}").text
     assert rid not in client.get("/console/requests?user=nobody").text
