@@ -57,6 +57,7 @@ ENV_VARS = (
     "AZURE_TENANT_ID",
     "AZURE_FEDERATED_TOKEN_FILE",
     "METRICS_TOKEN",
+    "CONSOLE_SESSION_TTL",
     # the connection guard (llm_backend/server.py)
     "HEADER_TIMEOUT",
     "BODY_TIMEOUT",
@@ -222,6 +223,7 @@ class Settings:
     # Request headers that name the conversation, first present wins: X-Conversation-Id is our own id,
     # any other (Open WebUI's chat id, a LibreChat `headers:` entry) is the client's chat id, per key.
     conversation_id_headers: tuple[str, ...] = ("X-Conversation-Id", "X-OpenWebUI-Chat-Id")
+    console_session_ttl_s: float = 12 * 3600.0  # how long a console sign-in lasts (CONSOLE_SESSION_TTL)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -266,6 +268,7 @@ class Settings:
                 _split(env.get("CONVERSATION_ID_HEADERS", "X-Conversation-Id,X-OpenWebUI-Chat-Id"))
             ),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
+            console_session_ttl_s=_session_ttl(env, "CONSOLE_SESSION_TTL", 12 * 3600.0),
         )
 
 
@@ -291,6 +294,25 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = -1.0
     if not value > 0 or value == float("inf"):
         raise ConfigError(f"environment: {name}={raw!r} is not a positive number of seconds")
+    return value
+
+
+def _session_ttl(env: Mapping[str, str], name: str, default: float) -> float:
+    """A lifetime of one minute to 30 days: a duration (30m, 12h, 7d) or a number of seconds."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    from llm_backend.durations import parse_duration
+
+    try:
+        value = float(raw) if raw.replace(".", "", 1).isdigit() else parse_duration(raw).total_seconds()
+    except ValueError:
+        value = -1.0
+    if not 60 <= value <= 30 * 86400:
+        raise ConfigError(
+            f"environment: {name}={raw!r} is not a session lifetime between 1 minute and 30 days; "
+            "write e.g. 30m, 12h, 7d or a number of seconds"
+        )
     return value
 
 

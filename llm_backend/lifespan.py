@@ -55,6 +55,7 @@ class Resources:
     key_store: Any = None
     conversations: Any = None
     responses: Any = None  # llm_backend.services.responses.ResponsesService
+    console_sessions: Any = None  # llm_backend.services.sessions.ConsoleSessions
     limiter: Any = None
     tracer: Any = None  # llm_backend.tracing.otel.Tracer when tracing is on
     metrics: Metrics = field(default_factory=Metrics)
@@ -181,6 +182,14 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
     await owners.start()
     stack.push_async_callback(owners.stop)
     resources.responses = ResponsesService(resources.proxy, owners)
+    from llm_backend.services.sessions import ConsoleSessions
+
+    resources.console_sessions = ConsoleSessions(
+        resources.engine,
+        ttl_s=settings.console_session_ttl_s,
+        admin_key=settings.admin_key,
+        allow_local=settings.auth == "none" and not settings.admin_key,
+    )
     return resources
 
 

@@ -186,6 +186,27 @@ class ResponseOwner(Base):
     __table_args__ = (sa.Index("ix_response_owners_created_at", "created_at"),)
 
 
+class ConsoleSession(Base):
+    """A signed-in console session: only the sha256 of the cookie's token is stored, never the token."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)  # sha256 hex of the cookie token
+    subject: Mapped[str] = mapped_column(sa.String(255))  # "admin", or a signed-in user's subject
+    method: Mapped[str] = mapped_column(sa.String(32))  # admin_key | local | oidc | ...
+    name: Mapped[str | None] = mapped_column(sa.String(255))  # shown in the page header
+    # a fingerprint of the credential it was opened with (the admin key): changing it ends the session
+    credential: Mapped[str | None] = mapped_column(sa.String(64))
+    client_ip: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        sa.Index("ix_console_sessions_expires_at", "expires_at"),
+        sa.Index("ix_console_sessions_subject", "subject"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rollups: totals per time bucket that the recorder keeps in the same transaction as the request_log rows it
 # inserts (llm_backend.recording.rollups); what usage reports and the console's overview read. Dimensions
@@ -287,4 +308,4 @@ def _listen_to_texts(*models: type[Base]) -> None:
                 sa.event.listen(getattr(model, attr.key), "set", _storable_on_set, retval=True)
 
 
-_listen_to_texts(RequestLog, Conversation, Message, ApiKey, ResponseOwner)
+_listen_to_texts(RequestLog, Conversation, Message, ApiKey, ResponseOwner, ConsoleSession)

@@ -25,6 +25,7 @@ TABLES = {
     "usage_hourly",
     "usage_daily",
     "usage_callers_daily",
+    "console_sessions",
 }
 
 
