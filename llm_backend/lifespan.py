@@ -52,6 +52,8 @@ class Resources:
     admit: Callable[..., Awaitable[Any]] | None = None
     authenticator: Any = None
     key_store: Any = None
+    org: Any = None  # llm_backend.services.org.OrgStore (teams and users), with a database
+    members: Any = None  # llm_backend.services.org.Members: resolve_user() for the serving path
     conversations: Any = None
     responses: Any = None  # llm_backend.services.responses.ResponsesService
     limiter: Any = None

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
-LimitKind = Literal["requests", "tokens", "parallel", "daily_budget", "monthly_budget"]
+LimitKind = Literal[
+    "requests", "tokens", "parallel", "daily_budget", "monthly_budget", "daily_spend", "monthly_spend"
+]
+LevelKind = Literal["key", "user", "team"]
 
 #: Length of the RPM/TPM window in seconds. Implementations take it as a constructor argument so that
 #: tests can use a one-second window instead of sleeping for a minute.
@@ -32,6 +35,58 @@ class KeyLimits:
     max_parallel: int | None = None  # concurrent in-flight requests
     daily_tokens: int | None = None  # budget per UTC day
     monthly_tokens: int | None = None  # budget per UTC calendar month
+    daily_spend: float | None = None  # money budget per UTC day, in the currency of the models' prices
+    monthly_spend: float | None = None  # money budget per UTC calendar month
+
+    def unlimited(self) -> bool:
+        return all(
+            v is None
+            for v in (
+                self.rpm,
+                self.tpm,
+                self.max_parallel,
+                self.daily_tokens,
+                self.monthly_tokens,
+                self.daily_spend,
+                self.monthly_spend,
+            )
+        )
+
+    def budgeted(self) -> bool:
+        """Whether a budget window (tokens or money) is limited: its counters need seeding."""
+        return any(
+            v is not None
+            for v in (self.daily_tokens, self.monthly_tokens, self.daily_spend, self.monthly_spend)
+        )
+
+
+#: Limits are counted per level: the request's key, its user and its team each have their own counters.
+Limits = KeyLimits
+
+#: Money is counted in millionths of the currency unit (integers: exact sums in Lua and Python alike).
+MICROS = 1_000_000
+
+
+def to_micros(amount: float | None) -> int | None:
+    """An amount of money as whole millionths (rounded up: a budget never grows by rounding)."""
+    return None if amount is None else max(0, math.ceil(amount * MICROS - 1e-6))
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One level a request counts against: its key, its user or its team, with that level's limits.
+
+    `name` is what a refusal shows (a key's or a team's name, a user's email); never a secret."""
+
+    kind: LevelKind
+    id: str
+    limits: KeyLimits
+    name: str | None = None
+
+    @property
+    def counter(self) -> str:
+        """The counter's name in the store; a key's is its bare id (the counters keys had before levels)."""
+        return self.id if self.kind == "key" else f"{self.kind}:{self.id}"
 
 
 def format_duration(seconds: float) -> str:

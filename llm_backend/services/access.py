@@ -31,6 +31,7 @@ from llm_backend.logthrottle import LogThrottle
 from llm_backend.services.dbguard import DatabaseGuard
 from llm_backend.services.keys import KEY_PREFIX, KeyInfo, KeyStore
 from llm_backend.services.operations import CHAT_OP, Operation
+from llm_backend.services.org import Members, OrgStore
 from llm_backend.services.proxy import Caller
 from llm_backend.upstream.router import ModelRoute
 
@@ -338,6 +339,8 @@ class Gate:
 async def setup_access(settings: Settings, resources: Any, stack: contextlib.AsyncExitStack) -> None:
     store = KeyStore(resources.engine) if resources.engine is not None else None
     resources.key_store = store
+    org = OrgStore(resources.engine) if resources.engine is not None else None
+    resources.org = org
     keys = settings.auth == "keys"
     if not keys:
         logger.warning(
@@ -348,6 +351,8 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
         logger.info("LLM_BACKEND_ADMIN_KEY is not set: the /admin routes are disabled")
     guard = DatabaseGuard(settings.db_statement_timeout_s)
     stack.callback(guard.close)
+    members = Members(org, guard=guard, stale_s=settings.key_cache_stale_s) if org is not None else None
+    resources.members = members
     authenticator = Authenticator(
         store, settings.admin_key, auth_required=keys, guard=guard, stale_s=settings.key_cache_stale_s
     )
