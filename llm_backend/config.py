@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -145,6 +146,18 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Prices:
+    """What a model costs, in currency units (USD as the providers bill) per million tokens.
+
+    `cached_input` is the price of prompt tokens served from the provider's prompt cache; a models file
+    that gives no `cached_input` bills them at `input`."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model name clients send, its aliases and the backends that serve it."""
 
@@ -157,6 +170,9 @@ class ModelConfig:
     owned_by: str = "llm-backend"
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     wildcard: bool = False  # forwards any model name (OPENAI_BASE_URL without OPENAI_MODELS)
+    context_window: int | None = None  # tokens of prompt + answer the model accepts (models file only)
+    max_output_tokens: int | None = None  # the most tokens one answer may have (models file only)
+    prices: Prices | None = None  # per million tokens; None: cost is not recorded (models file only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,7 +497,12 @@ _MODEL_KEYS = {
     "fail_over_on",
     "owned_by",
     "circuit_breaker",
+    "context_window",
+    "max_output_tokens",
+    "prices",
 }
+_META_KEYS = ("context_window", "max_output_tokens", "prices")
+_PRICE_KEYS = ("input", "cached_input", "output")
 _BREAKER_KEYS = {"failure_threshold", "cooldown", "failure_rate", "window", "min_requests"}
 _TIMEOUT_KEYS = {"connect", "first_byte", "total"}
 _BACKEND_KEYS = {
@@ -563,6 +584,22 @@ def _parse_model(raw: Any, index: int, env: Mapping[str, str], p: _Problems) -> 
                 )
             seen.add(b.name)
     breaker = _parse_breaker(raw.get("circuit_breaker"), f"{where}.circuit_breaker", p)
+    # the metadata may come from the environment (${VAR}), as backend settings do
+    unset: list[tuple[str, str]] = []
+    meta = {k: _interpolate(raw.get(k), env, f"{where}.{k}", unset) for k in _META_KEYS}
+    for place, var in dict.fromkeys(unset):
+        p.add(place, f"uses ${{{var}}} but {var} is not set; export {var} (or write ${{{var}:-default}})")
+    for key in {place.removeprefix(f"{where}.").split(".", 1)[0] for place, _ in unset}:
+        meta[key] = None  # said already
+    context_window = _tokens(meta["context_window"], f"{where}.context_window", p)
+    max_output_tokens = _tokens(meta["max_output_tokens"], f"{where}.max_output_tokens", p)
+    if context_window is not None and max_output_tokens is not None and max_output_tokens > context_window:
+        p.add(
+            f"{where}.max_output_tokens",
+            f"{max_output_tokens} is more than context_window ({context_window}); an answer cannot be longer "
+            "than the window it shares with the prompt",
+        )
+    prices = _parse_prices(meta["prices"], f"{where}.prices", p)
     if name is None:
         return None
     # returned even when something above was wrong (the loader then raises), so that name clashes with
@@ -576,7 +613,66 @@ def _parse_model(raw: Any, index: int, env: Mapping[str, str], p: _Problems) -> 
         retries=retries,
         fail_over_on=tuple(str(c) for c in fail_over_on),
         owned_by=str(raw.get("owned_by", "llm-backend")),
+        context_window=context_window,
+        max_output_tokens=max_output_tokens,
+        prices=prices,
     )
+
+
+def _tokens(value: Any, where: str, p: _Problems) -> int | None:
+    """An optional token count (context_window, max_output_tokens): a whole number >= 1, or absent."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():  # after ${VAR} interpolation
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        p.add(where, f"expected a whole number of tokens >= 1, not {value!r}")
+        return None
+    return value
+
+
+def _price(value: Any, where: str, p: _Problems) -> float | None:
+    """One price per million tokens: a finite number >= 0 (a numeric string after ${VAR} interpolation)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            sign = value.strip()[:1] in ("$", "€", "£") and not value.strip().startswith("${")
+            hint = " (write the number alone, without a currency sign)" if sign else ""
+            p.add(where, f"expected a price per million tokens (a number >= 0), not {value!r}{hint}")
+            return None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        p.add(where, f"expected a price per million tokens (a number >= 0), not {value!r}")
+        return None
+    if number < 0:
+        p.add(where, f"a price cannot be negative ({value!r}); use 0 for a free model")
+        return None
+    return float(number)
+
+
+def _parse_prices(raw: Any, where: str, p: _Problems) -> Prices | None:
+    """`prices: {input, cached_input, output}` per million tokens; input and output are required,
+    cached_input defaults to input (a provider without a prompt-cache discount)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        p.add(where, "expected a mapping of input, cached_input and output (per million tokens)")
+        return None
+    meant = _unknown_keys(raw, _PRICE_KEYS, where, p)
+    found: dict[str, float | None] = {}
+    for key in _PRICE_KEYS:
+        if key in raw:
+            found[key] = _price(raw[key], f"{where}.{key}", p)
+        elif key != "cached_input" and key not in meant:  # a misspelt key has had its line already
+            p.add(where, f"{key!r} is missing; give the {key} price per million tokens")
+    input_price, output_price = found.get("input"), found.get("output")
+    if input_price is None or output_price is None:
+        return None
+    cached = found.get("cached_input", input_price)
+    if cached is None:
+        return None
+    return Prices(input=input_price, cached_input=cached, output=output_price)
 
 
 def _parse_breaker(raw: Any, where: str, p: _Problems) -> BreakerConfig:
