@@ -34,7 +34,7 @@ class Admission(Protocol):
 
     headers: dict[str, str]
 
-    async def settle(self, total_tokens: int) -> None: ...
+    async def settle(self, total_tokens: int, usage: Usage | None = None) -> None: ...
 
 
 Admit = Callable[..., Any]  # (caller, route, body, operation) -> Admission | None
