@@ -68,6 +68,12 @@ class RequestRecord:
     response_message: dict[str, Any] | None = None
 
 
+def record_owner(record: RequestRecord) -> str | None:
+    """Who owns the conversation a record threads into: its user when it has one (users of one shared
+    front-end key never thread into each other's conversations), else its key."""
+    return record.user_id or record.key_id
+
+
 _TEXT_FIELDS = tuple(
     f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("created_at", "usage", "stream")
 )
