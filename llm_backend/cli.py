@@ -522,14 +522,24 @@ _USER_COLUMNS = [
 _ORG_INTS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
 
 
+def _limit(text: str) -> int:
+    """A whole-number limit; `none` (or a negative number) clears it (-1)."""
+    if text.strip().lower() == "none":
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or `none`: {text!r}") from None
+
+
 def _limit_flags(p: argparse.ArgumentParser) -> None:
     """The limit flags of teams and users, named like the keys' (--daily-spend/--monthly-spend: money)."""
     p.add_argument("--models", action="append", help="allowed models (comma list; repeatable); default all")
-    p.add_argument("--rpm", type=int)
-    p.add_argument("--tpm", type=int)
-    p.add_argument("--max-parallel", dest="max_parallel", type=int)
-    p.add_argument("--daily-tokens", dest="daily_tokens", type=int)
-    p.add_argument("--monthly-tokens", dest="monthly_tokens", type=int)
+    p.add_argument("--rpm", type=_limit, metavar="N")
+    p.add_argument("--tpm", type=_limit, metavar="N")
+    p.add_argument("--max-parallel", dest="max_parallel", type=_limit, metavar="N")
+    p.add_argument("--daily-tokens", dest="daily_tokens", type=_limit, metavar="N")
+    p.add_argument("--monthly-tokens", dest="monthly_tokens", type=_limit, metavar="N")
     p.add_argument("--daily-spend", dest="daily_spend", metavar="AMOUNT", help="money per UTC day")
     p.add_argument("--monthly-spend", dest="monthly_spend", metavar="AMOUNT", help="money per UTC month")
 

@@ -218,3 +218,23 @@ def test_usage_by_user_and_team(serve, http, sqlite_url) -> None:
     only = c.get(f"/admin/usage?group_by=model&team_id={t['id']}", headers=ADMIN).json()["data"]
     assert only[0]["requests"] == 3
     assert_openai_error(c.get("/admin/usage?group_by=colour", headers=ADMIN), 400)
+
+
+def test_user_headers_are_cleaned(serve, http) -> None:
+    c = http(serve())
+    ui = create_key(c, "ui", trusted_ui=True)["key"]
+    headers = {
+        **bearer(ui),
+        "X-OpenWebUI-User-Id": "u" * 5000,
+        "X-OpenWebUI-User-Name": "José Núñez".encode(),
+        "X-OpenWebUI-User-Email": b"\x85",  # a C1 control character: nothing left
+    }
+    r = c.post(CHAT, json=chat(), headers=headers)
+    assert r.status_code == 200, r.text
+    (user,) = c.get("/admin/users", headers=ADMIN).json()["data"]
+    assert user["subject"] == "u" * 255 and user["name"] == "José Núñez" and user["email"] is None
+    # a header without the user's id names nobody
+    assert (
+        c.post(CHAT, json=chat(), headers={**bearer(ui), "X-OpenWebUI-User-Email": "x@y"}).status_code == 200
+    )
+    assert len(c.get("/admin/users", headers=ADMIN).json()["data"]) == 1
