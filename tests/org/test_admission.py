@@ -238,3 +238,34 @@ def test_user_headers_are_cleaned(serve, http) -> None:
         c.post(CHAT, json=chat(), headers={**bearer(ui), "X-OpenWebUI-User-Email": "x@y"}).status_code == 200
     )
     assert len(c.get("/admin/users", headers=ADMIN).json()["data"]) == 1
+
+
+def test_team_counters_lost_in_redis_are_seeded_from_the_request_log(serve, http) -> None:
+    import redis
+
+    from tests.e2e_access.conftest import REDIS_PREFIX, redis_or_skip
+
+    redis_url = redis_or_skip()
+    c = http(serve(redis_url=redis_url, recording=True))
+    t = team(c, "seeded", daily_tokens=100_000, daily_spend=None)
+    key = create_key(c, "k", team="seeded")["key"]
+    for _ in range(3):
+        assert c.post(CHAT, json=chat(max_tokens=100), headers=bearer(key)).status_code == 200
+
+    def logged() -> int:
+        rows = c.get(f"/admin/usage?group_by=team&team_id={t['id']}", headers=ADMIN).json()["data"]
+        return rows[0]["total_tokens"] if rows and rows[0]["requests"] == 3 else 0
+
+    before = wait_for(logged)
+    assert before > 0
+    client = redis.Redis.from_url(redis_url)
+    name = f"{REDIS_PREFIX}{{team:{t['id']}}}:s"
+    try:
+        assert int(float(client.hget(name, "du") or 0)) == before
+        client.delete(name)  # Redis lost the team's counters (a restart without persistence)
+        r = c.post(CHAT, json=chat(max_tokens=100), headers=bearer(key))
+        assert r.status_code == 200
+        # the day's usage came back from the request log, then this request's was added
+        assert int(float(client.hget(name, "du") or 0)) == before + r.json()["usage"]["total_tokens"]
+    finally:
+        client.close()
