@@ -1,4 +1,4 @@
-"""Rate limiting: per-key RPM/TPM, parallel slots and daily/monthly token budgets, in-process or on Redis."""
+"""Rate limiting: RPM/TPM, parallel slots, token and spend budgets per level (key, user, team), in-process or on Redis."""
 
 from __future__ import annotations
 
