@@ -83,6 +83,15 @@ DEFAULT_API_VERSION = "2024-10-21"
 AZURE_V1 = "v1"
 
 
+#: Open WebUI's end-user headers (ENABLE_FORWARD_USER_INFO_HEADERS), the default of TRUSTED_USER_HEADERS.
+DEFAULT_TRUSTED_USER_HEADERS: tuple[tuple[str, str], ...] = (
+    ("id", "X-OpenWebUI-User-Id"),
+    ("email", "X-OpenWebUI-User-Email"),
+    ("name", "X-OpenWebUI-User-Name"),
+    ("role", "X-OpenWebUI-User-Role"),
+)
+
+
 class ConfigError(Exception):
     """Configuration problems: each one line naming the source, the place and the fix (`problems`); the
     message is those lines, so a file with one mistake gives a one-line message."""
@@ -224,6 +233,9 @@ class Settings:
     # any other (Open WebUI's chat id, a LibreChat `headers:` entry) is the client's chat id, per key.
     conversation_id_headers: tuple[str, ...] = ("X-Conversation-Id", "X-OpenWebUI-Chat-Id")
     console_session_ttl_s: float = 12 * 3600.0  # how long a console sign-in lasts (CONSOLE_SESSION_TTL)
+    # Headers a key marked trusted_ui names its end user with: (field, header) pairs, field one of id,
+    # email, name, role; of several headers for one field the first present wins (TRUSTED_USER_HEADERS).
+    trusted_user_headers: tuple[tuple[str, str], ...] = DEFAULT_TRUSTED_USER_HEADERS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -267,6 +279,7 @@ class Settings:
             conversation_id_headers=tuple(
                 _split(env.get("CONVERSATION_ID_HEADERS", "X-Conversation-Id,X-OpenWebUI-Chat-Id"))
             ),
+            trusted_user_headers=trusted_user_headers(env.get("TRUSTED_USER_HEADERS")),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
             console_session_ttl_s=_session_ttl(env, "CONSOLE_SESSION_TTL", 12 * 3600.0),
         )
@@ -351,6 +364,30 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
                 f"environment: TRUSTED_PROXIES has {part!r}, which is not an IP address or CIDR range"
             ) from None
     return tuple(nets)
+
+
+TRUSTED_USER_FIELDS = ("id", "email", "name", "role")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def trusted_user_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """TRUSTED_USER_HEADERS: comma-separated field=Header pairs (fields id, email, name, role; id is
+    required; a field may be given several headers, the first present wins). Empty or unset: Open WebUI's
+    X-OpenWebUI-User-Id, -Email, -Name and -Role."""
+    if raw is None or not raw.strip():
+        return DEFAULT_TRUSTED_USER_HEADERS
+    pairs: list[tuple[str, str]] = []
+    for part in _split(raw):
+        field, sep, header = (p.strip() for p in part.partition("="))
+        if not sep or field.lower() not in TRUSTED_USER_FIELDS or not _HEADER_NAME.match(header):
+            raise ConfigError(
+                f"environment: TRUSTED_USER_HEADERS entry {part!r} is not field=Header-Name with field one "
+                f"of {', '.join(TRUSTED_USER_FIELDS)}"
+            )
+        pairs.append((field.lower(), header))
+    if not any(f == "id" for f, _ in pairs):
+        raise ConfigError("environment: TRUSTED_USER_HEADERS names no header for the user's id (id=Header)")
+    return tuple(pairs)
 
 
 def _split(raw: str) -> list[str]:

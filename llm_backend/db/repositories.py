@@ -33,13 +33,18 @@ from llm_backend.db.models import (
     Conversation,
     Message,
     RequestLog,
+    Team,
+    TeamMember,
+    User,
 )
 from llm_backend.recording.threading import normalize_message, transcript_hash
 
 logger = logging.getLogger(__name__)
 
 _REQUEST_LOG_COLUMNS = frozenset(c.name for c in RequestLog.__table__.columns)
-USAGE_GROUPS = ("key", "model", "day", "user", "backend")
+# `user` is what the client wrote in the body's user field; `user_id` and `team` the user and team the
+# request counted for.
+USAGE_GROUPS = ("key", "model", "day", "user", "backend", "user_id", "team")
 
 
 class InvalidCursor(ValueError):
@@ -69,6 +74,8 @@ class UsageRow:
     reasoning_tokens: int
     # the sum of the priced requests' costs; None when none of the group's requests had prices
     cost: float | None = None
+    user_id: str | None = None
+    team_id: str | None = None
 
 
 def _request_filters(stmt: Any, since: datetime, until: datetime, **equal: str | None) -> Any:
@@ -174,6 +181,8 @@ class RequestLogRepository:
         key_id: str | None = None,
         model: str | None = None,
         client_request_id: str | None = None,
+        user_id: str | None = None,
+        team_id: str | None = None,
     ) -> list[UsageRow]:
         """Token and request totals over [since, until), grouped by any of key/model/day/user/backend."""
         bad = set(group_by) - set(USAGE_GROUPS)
@@ -185,6 +194,8 @@ class RequestLogRepository:
             "day": self._day_expr(),
             "user": RequestLog.user,
             "backend": RequestLog.backend,
+            "user_id": RequestLog.user_id,
+            "team": RequestLog.team_id,
         }
         keys = [g for g in USAGE_GROUPS if g in group_by]
         labelled = [group_cols[g].label(g) for g in keys]
@@ -205,7 +216,14 @@ class RequestLogRepository:
             sa.func.sum(RequestLog.cost).label("cost"),  # NULL (not 0) when no row of the group is priced
         )
         stmt = _request_filters(
-            stmt, since, until, key_id=key_id, model=model, client_request_id=client_request_id
+            stmt,
+            since,
+            until,
+            key_id=key_id,
+            model=model,
+            client_request_id=client_request_id,
+            user_id=user_id,
+            team_id=team_id,
         )
         if keys:
             stmt = stmt.group_by(*[group_cols[g] for g in keys]).order_by(*[group_cols[g] for g in keys])
@@ -218,6 +236,8 @@ class RequestLogRepository:
                     day=row.get("day"),
                     user=row.get("user"),
                     backend=row.get("backend"),
+                    user_id=row.get("user_id"),
+                    team_id=row.get("team"),
                     requests=int(row["requests"]),
                     errors=int(row["errors"]),
                     estimated=int(row["estimated"]),
@@ -282,6 +302,8 @@ def accumulate(rows: Iterable[Mapping[str, Any]]) -> tuple[dict[tuple[Any, ...],
             text(row.get("operation")),
             text(row.get("outcome")),
             text(row.get("error_type")),
+            text(row.get("team_id")),
+            text(row.get("user_id")),
         )
         prompt = row.get("prompt_tokens") or 0
         completion = row.get("completion_tokens") or 0
@@ -722,12 +744,14 @@ class ConversationRepository:
         created_at: datetime | None = None,
         external_id: str | None = None,
         parent_hash: str | None = None,
+        team_id: str | None = None,
     ) -> Conversation:
         when = _aware(created_at) if created_at else utcnow()
         conv = Conversation(
             id=conversation_id or new_uuid7(),
             title=title,
             owner=owner,
+            team_id=team_id,
             model=model,
             system_prompt=system_prompt,
             external_id=external_id,
@@ -744,13 +768,23 @@ class ConversationRepository:
         self.session.flush()
         return conv
 
-    def _owned(self, stmt: Any, owner: str | None) -> Any:
-        return stmt if owner is None else stmt.where(Conversation.owner == owner)
+    def _owned(self, stmt: Any, owner: str | None, teams: Sequence[str] = ()) -> Any:
+        """`stmt` confined to `owner`'s conversations and those of `teams` (None owner: no confinement)."""
+        if owner is None:
+            return stmt
+        if teams:
+            return stmt.where(sa.or_(Conversation.owner == owner, Conversation.team_id.in_(list(teams))))
+        return stmt.where(Conversation.owner == owner)
 
     def get(
-        self, conversation_id: str, *, owner: str | None = None, with_messages: bool = True
+        self,
+        conversation_id: str,
+        *,
+        owner: str | None = None,
+        with_messages: bool = True,
+        teams: Sequence[str] = (),
     ) -> Conversation | None:
-        stmt = self._owned(sa.select(Conversation).where(Conversation.id == conversation_id), owner)
+        stmt = self._owned(sa.select(Conversation).where(Conversation.id == conversation_id), owner, teams)
         if with_messages:
             stmt = stmt.options(selectinload(Conversation.messages))
         return self.session.scalars(stmt).first()
@@ -779,13 +813,14 @@ class ConversationRepository:
         q: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
+        teams: Sequence[str] = (),
     ) -> ConversationPage:
         """Conversations by (updated_at, id) descending; `q` searches titles case-insensitively.
 
         `model` is a name or several (a model and its aliases): a conversation recorded under any matches.
         """
         limit = max(1, min(int(limit), 1000))
-        stmt = self._owned(sa.select(Conversation), owner)
+        stmt = self._owned(sa.select(Conversation), owner, teams)
         if isinstance(model, str):
             stmt = stmt.where(Conversation.model == model)
         elif model is not None:
@@ -813,8 +848,10 @@ class ConversationRepository:
             next_cursor = encode_cursor(items[-1].updated_at, items[-1].id)
         return ConversationPage(items=items, next_cursor=next_cursor)
 
-    def rename(self, conversation_id: str, title: str, *, owner: str | None = None) -> Conversation | None:
-        conv = self.get(conversation_id, owner=owner, with_messages=False)
+    def rename(
+        self, conversation_id: str, title: str, *, owner: str | None = None, teams: Sequence[str] = ()
+    ) -> Conversation | None:
+        conv = self.get(conversation_id, owner=owner, with_messages=False, teams=teams)
         if conv is None:
             return None
         conv.title = title
@@ -822,9 +859,9 @@ class ConversationRepository:
         self.session.flush()
         return conv
 
-    def delete(self, conversation_id: str, *, owner: str | None = None) -> bool:
+    def delete(self, conversation_id: str, *, owner: str | None = None, teams: Sequence[str] = ()) -> bool:
         """Delete a conversation and (by cascade) its messages; False when there was none."""
-        stmt = self._owned(sa.delete(Conversation).where(Conversation.id == conversation_id), owner)
+        stmt = self._owned(sa.delete(Conversation).where(Conversation.id == conversation_id), owner, teams)
         result = self.session.execute(stmt.execution_options(synchronize_session=False))
         self.session.expire_all()
         return bool(getattr(result, "rowcount", 0))
@@ -915,6 +952,9 @@ _API_KEY_UPDATABLE = frozenset(
         "allowed_ips",
         "expires_at",
         "enabled",
+        "team_id",
+        "user_id",
+        "trusted_ui",
     }
 )
 
@@ -942,6 +982,9 @@ class ApiKeyRepository:
         allowed_ips: list[str] | None = None,
         expires_at: datetime | None = None,
         enabled: bool = True,
+        team_id: str | None = None,
+        user_id: str | None = None,
+        trusted_ui: bool = False,
     ) -> ApiKey:
         key = ApiKey(
             name=name,
@@ -957,6 +1000,9 @@ class ApiKeyRepository:
             allowed_ips=allowed_ips,
             expires_at=expires_at,
             enabled=enabled,
+            team_id=team_id,
+            user_id=user_id,
+            trusted_ui=trusted_ui,
             created_at=utcnow(),
         )
         if key_id:
@@ -971,10 +1017,14 @@ class ApiKeyRepository:
     def get_by_hash(self, key_hash: str) -> ApiKey | None:
         return self.session.scalars(sa.select(ApiKey).where(ApiKey.key_hash == key_hash)).first()
 
-    def list(self, *, owner: str | None = None, enabled: bool | None = None) -> list[ApiKey]:
+    def list(
+        self, *, owner: str | None = None, enabled: bool | None = None, team_id: str | None = None
+    ) -> list[ApiKey]:
         stmt = sa.select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
         if owner is not None:
             stmt = stmt.where(ApiKey.owner == owner)
+        if team_id is not None:
+            stmt = stmt.where(ApiKey.team_id == team_id)
         if enabled is not None:
             stmt = stmt.where(ApiKey.enabled.is_(enabled))
         return list(self.session.scalars(stmt))
@@ -1010,6 +1060,181 @@ class ApiKeyRepository:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Teams and users
+
+ORG_LIMIT_COLUMNS = (
+    "allowed_models",
+    "rpm",
+    "tpm",
+    "max_parallel",
+    "daily_tokens",
+    "monthly_tokens",
+    "daily_spend",
+    "monthly_spend",
+)
+_TEAM_UPDATABLE = frozenset({"name", "groups", *ORG_LIMIT_COLUMNS})
+_USER_UPDATABLE = frozenset({"email", "name", "enabled", *ORG_LIMIT_COLUMNS})
+
+
+class TeamRepository:
+    """Teams, by id or by name, and the teams that OIDC groups map to."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create(self, *, name: str, **fields: Any) -> Team:
+        bad = set(fields) - _TEAM_UPDATABLE
+        if bad:
+            raise ValueError(f"unknown team fields {sorted(bad)}")
+        now = utcnow()
+        team = Team(name=name, created_at=now, updated_at=now, **fields)
+        self.session.add(team)
+        self.session.flush()
+        return team
+
+    def get(self, team_id: str) -> Team | None:
+        return self.session.get(Team, team_id)
+
+    def get_by_name(self, name: str) -> Team | None:
+        return self.session.scalars(sa.select(Team).where(Team.name == name)).first()
+
+    def list(self) -> builtins.list[Team]:
+        return builtins.list(self.session.scalars(sa.select(Team).order_by(Team.name, Team.id)))
+
+    def with_groups(self) -> builtins.list[Team]:
+        """Teams mapped to at least one OIDC group."""
+        return [t for t in self.list() if t.groups]
+
+    def update(self, team_id: str, **fields: Any) -> Team | None:
+        bad = set(fields) - _TEAM_UPDATABLE
+        if bad:
+            raise ValueError(f"cannot update team fields {sorted(bad)}")
+        team = self.get(team_id)
+        if team is None:
+            return None
+        for name, value in fields.items():
+            setattr(team, name, value)
+        team.updated_at = utcnow()
+        self.session.flush()
+        return team
+
+    def delete(self, team_id: str) -> bool:
+        self.session.execute(sa.delete(TeamMember).where(TeamMember.team_id == team_id))
+        result = self.session.execute(
+            sa.delete(Team).where(Team.id == team_id).execution_options(synchronize_session=False)
+        )
+        self.session.expire_all()
+        return bool(getattr(result, "rowcount", 0))
+
+    def members(self, team_id: str) -> builtins.list[tuple[TeamMember, User]]:
+        stmt = (
+            sa.select(TeamMember, User)
+            .join(User, User.id == TeamMember.user_id)
+            .where(TeamMember.team_id == team_id)
+            .order_by(User.email, User.id)
+        )
+        return [(m, u) for m, u in self.session.execute(stmt).tuples()]
+
+
+class UserRepository:
+    """Users by id or by (issuer, subject), and their team memberships."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, user_id: str) -> User | None:
+        return self.session.get(User, user_id)
+
+    def get_by_subject(self, issuer: str, subject: str) -> User | None:
+        stmt = sa.select(User).where(User.issuer == issuer, User.subject == subject)
+        return self.session.scalars(stmt).first()
+
+    def create(self, *, issuer: str, subject: str, **fields: Any) -> User:
+        user = User(issuer=issuer, subject=subject, created_at=utcnow(), **fields)
+        self.session.add(user)
+        self.session.flush()
+        return user
+
+    def list(
+        self, *, team_id: str | None = None, q: str | None = None, limit: int = 1000
+    ) -> builtins.list[User]:
+        stmt = sa.select(User)
+        if team_id is not None:
+            stmt = stmt.join(TeamMember, TeamMember.user_id == User.id).where(TeamMember.team_id == team_id)
+        if q:
+            pattern = f"%{_escape_like(q.lower())}%"
+            stmt = stmt.where(
+                sa.or_(
+                    sa.func.lower(User.email).like(pattern, escape="\\"),
+                    sa.func.lower(User.name).like(pattern, escape="\\"),
+                    User.subject == q,
+                )
+            )
+        stmt = stmt.order_by(User.created_at, User.id).limit(max(1, min(int(limit), 10_000)))
+        return builtins.list(self.session.scalars(stmt))
+
+    def update(self, user_id: str, **fields: Any) -> User | None:
+        bad = set(fields) - _USER_UPDATABLE - {"groups", "last_seen_at"}
+        if bad:
+            raise ValueError(f"cannot update user fields {sorted(bad)}")
+        user = self.get(user_id)
+        if user is None:
+            return None
+        for name, value in fields.items():
+            setattr(user, name, value)
+        self.session.flush()
+        return user
+
+    def memberships(self, user_id: str) -> builtins.list[tuple[TeamMember, Team]]:
+        """The user's memberships with their teams, by team name."""
+        stmt = (
+            sa.select(TeamMember, Team)
+            .join(Team, Team.id == TeamMember.team_id)
+            .where(TeamMember.user_id == user_id)
+            .order_by(Team.name, Team.id)
+        )
+        return [(m, t) for m, t in self.session.execute(stmt).tuples()]
+
+    def set_membership(
+        self,
+        user_id: str,
+        team_id: str,
+        *,
+        via_groups: bool | None = None,
+        via_admin: bool | None = None,
+        role: str | None = None,
+    ) -> TeamMember | None:
+        """Set where a membership comes from (None: unchanged); a membership from nowhere is removed."""
+        member = self.session.get(TeamMember, (team_id, user_id))
+        if member is None:
+            if not via_groups and not via_admin:
+                return None
+            member = TeamMember(
+                team_id=team_id,
+                user_id=user_id,
+                role=role or "member",
+                via_groups=bool(via_groups),
+                via_admin=bool(via_admin),
+                created_at=utcnow(),
+            )
+            self.session.add(member)
+            self.session.flush()
+            return member
+        if via_groups is not None:
+            member.via_groups = via_groups
+        if via_admin is not None:
+            member.via_admin = via_admin
+        if role is not None:
+            member.role = role
+        if not member.via_groups and not member.via_admin:
+            self.session.delete(member)
+            self.session.flush()
+            return None
+        self.session.flush()
+        return member
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Budget windows
 
 
@@ -1026,3 +1251,29 @@ def key_token_totals(
     ).where(RequestLog.key_id == key_id, RequestLog.created_at >= since)
     day, month = session.execute(stmt).one()
     return int(day or 0), int(month or 0)
+
+
+#: The request log column each limiter level's usage is summed by.
+LEVEL_COLUMNS = {"key": "key_id", "user": "user_id", "team": "team_id"}
+
+
+def level_totals(
+    session: Session, level: str, level_id: str, day_start: datetime, month_start: datetime
+) -> tuple[int, int, float, float]:
+    """Tokens and cost of one limiter level (a key, a user or a team) since `day_start` and `month_start`:
+    what its budget counters are re-seeded from (cost 0 where the log holds none)."""
+    column = getattr(RequestLog, LEVEL_COLUMNS[level])
+    since = min(day_start, month_start)
+    total = RequestLog.total_tokens
+    cost = getattr(RequestLog, "cost", None)
+
+    def summed(value: Any, start: datetime) -> Any:
+        return sa.func.coalesce(sa.func.sum(sa.case((RequestLog.created_at >= start, value), else_=0)), 0)
+
+    cols = [summed(total, day_start), summed(total, month_start)]
+    if cost is not None:
+        cols += [summed(cost, day_start), summed(cost, month_start)]
+    row = session.execute(sa.select(*cols).where(column == level_id, RequestLog.created_at >= since)).one()
+    day_cost = float(row[2] or 0.0) if cost is not None else 0.0
+    month_cost = float(row[3] or 0.0) if cost is not None else 0.0
+    return int(row[0] or 0), int(row[1] or 0), day_cost, month_cost

@@ -58,6 +58,8 @@ class RequestRecord:
     ttft_ms: float | None = None  # time to first token (streams)
     key_id: str | None = None
     user: str | None = None  # the request body's "user" field
+    user_id: str | None = None  # the user the request counted for (users.id)
+    team_id: str | None = None  # the team it counted for (teams.id)
     client_ip: str | None = None
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
     external_conversation_id: str | None = None  # the client's own chat id (e.g. X-OpenWebUI-Chat-Id)
@@ -67,6 +69,12 @@ class RequestRecord:
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None
+
+
+def record_owner(record: RequestRecord) -> str | None:
+    """Who owns the conversation a record threads into: its user when it has one (users of one shared
+    front-end key never thread into each other's conversations), else its key."""
+    return record.user_id or record.key_id
 
 
 _TEXT_FIELDS = tuple(

@@ -82,7 +82,7 @@ RAW_SCAN_LIMIT = 100_000
 #: Breakdown rows per dimension in an overview (the largest by requests).
 DEFAULT_TOP = 10
 #: Groups `usage_report` can group by (its `group_by`), as before rollups.
-USAGE_GROUPS = ("key", "model", "day", "user", "backend")
+USAGE_GROUPS = ("key", "model", "day", "user", "backend", "team", "user_id")
 #: Named ranges of the console's picker.
 RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 #: Request log page size bounds.
@@ -557,10 +557,15 @@ def usage_report(
     key_id: str | None = None,
     model: str | None = None,
     client_request_id: str | None = None,
+    *,
+    user_id: str | None = None,
+    team_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Usage rows (one per group of key / model / day / user / backend) over [since, until) widened to
-    whole UTC hours, as dicts with requests, errors, estimated and the token sums; grouped by key, each
-    row names its key (`key_name`, None once deleted).
+    """Usage rows (one per group of key / model / day / user / backend / team / user_id) over [since, until)
+    widened to whole UTC hours, as dicts with requests, errors, estimated and the token sums; grouped by
+    key, each row names its key (`key_name`, None once deleted), by team its team (`team_name`), by
+    user_id its user (`user_email`). `user` is the end user the client named; `user_id` the signed-in or
+    trusted-front-end user (users.id), and `team_id`/`user_id` filter by them.
 
     From the hourly rollup (the daily one when grouping by day or the range is whole days); grouping by
     user from usage_callers_daily (whole UTC days; with a model filter from the log). A client request id
@@ -571,15 +576,23 @@ def usage_report(
     keys = [g for g in USAGE_GROUPS if g in group_by]
     with session_scope(engine) as session:
         by_user = "user" in keys
+        levels = {"user_id": user_id, "team_id": team_id}
         if client_request_id is not None or (
-            by_user and (model is not None or "model" in keys or "backend" in keys)
+            by_user
+            and (
+                model is not None
+                or user_id is not None
+                or team_id is not None
+                or any(k in keys for k in ("model", "backend", "team", "user_id"))
+            )
         ):
-            rows = _usage_from_log(session, since, until, keys, key_id, model, client_request_id)
+            rows = _usage_from_log(session, since, until, keys, key_id, model, client_request_id, levels)
         elif by_user:
             rows = _usage_from_callers(session, since, until, keys, key_id)
         else:
-            rows = _usage_from_rollups(session, since, until, keys, key_id, model)
+            rows = _usage_from_rollups(session, since, until, keys, key_id, model, levels)
         names = _key_names(session, {r["key_id"] for r in rows}) if "key" in keys else {}
+        teams, emails = _level_names(session, rows, keys)
     out = []
     for r in rows:
         row: dict[str, Any] = {
@@ -588,6 +601,8 @@ def usage_report(
             "day": r.get("day") if "day" in keys else None,
             "user": r.get("user") if "user" in keys else None,
             "backend": r.get("backend") if "backend" in keys else None,
+            **({"team_id": r.get("team_id") or None} if "team" in keys else {}),
+            **({"user_id": r.get("user_id") or None} if "user_id" in keys else {}),
             **{f: int(r.get(f) or 0) for f in _USAGE_FIELDS},
             # the priced requests' cost sum; None when none of the group's requests had prices
             "cost": round_cost(r.get("cost")) if r.get("priced", 1) else None,
@@ -598,8 +613,31 @@ def usage_report(
                 "key_name": names.get(str(row["key_id"])) if row["key_id"] else None,
                 **row,
             }
+        if "team" in keys:
+            row["team_name"] = teams.get(row["team_id"]) if row["team_id"] else None
+        if "user_id" in keys:
+            row["user_email"] = emails.get(row["user_id"]) if row["user_id"] else None
         out.append(row)
     return out
+
+
+def _level_names(
+    session: Any, rows: Sequence[dict[str, Any]], keys: Sequence[str]
+) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Names of the teams and e-mail addresses of the users that rows grouped by team / user_id name."""
+    from llm_backend.db.repositories import TeamRepository, UserRepository
+
+    teams: dict[str, str] = {}
+    emails: dict[str, str | None] = {}
+    if "team" in keys:
+        teams = {t.id: t.name for t in TeamRepository(session).list()}
+    if "user_id" in keys:
+        users = UserRepository(session)
+        for uid in {r.get("user_id") for r in rows if r.get("user_id")}:
+            user = users.get(str(uid))
+            if user is not None:
+                emails[user.id] = user.email
+    return teams, emails
 
 
 _USAGE_FIELDS = (
@@ -612,7 +650,14 @@ _USAGE_FIELDS = (
     "cached_tokens",
     "reasoning_tokens",
 )
-_GROUP_COLUMN = {"key": "key_id", "model": "model", "user": "user", "backend": "backend"}
+_GROUP_COLUMN = {
+    "key": "key_id",
+    "model": "model",
+    "user": "user",
+    "backend": "backend",
+    "team": "team_id",
+    "user_id": "user_id",
+}
 
 
 def _usage_from_rollups(
@@ -622,12 +667,13 @@ def _usage_from_rollups(
     keys: Sequence[str],
     key_id: str | None,
     model: str | None,
+    levels: dict[str, str | None],
 ) -> list[dict[str, Any]]:
     start, end = aligned_range(since, until, HOUR)
     columns = [_GROUP_COLUMN[k] for k in keys if k != "day"]
     group = [*columns, "outcome"] + (["bucket"] if "day" in keys else [])
     rows = RollupRepository(session).totals(
-        HOUR, start, end, group, sums=_USAGE_FIELDS_ROLLUP, key_id=key_id, model=model
+        HOUR, start, end, group, sums=_USAGE_FIELDS_ROLLUP, key_id=key_id, model=model, **levels
     )
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
@@ -668,12 +714,19 @@ def _usage_from_log(
     key_id: str | None,
     model: str | None,
     client_request_id: str | None,
+    levels: dict[str, str | None],
 ) -> list[dict[str, Any]]:
     from llm_backend.db.repositories import RequestLogRepository
 
     start, end = aligned_range(since, until, HOUR)
     rows = RequestLogRepository(session).usage_summary(
-        since=start, until=end, group_by=keys, key_id=key_id, model=model, client_request_id=client_request_id
+        since=start,
+        until=end,
+        group_by=keys,
+        key_id=key_id,
+        model=model,
+        client_request_id=client_request_id,
+        **levels,
     )
     return [dataclasses.asdict(r) for r in rows]
 

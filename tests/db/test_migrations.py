@@ -26,6 +26,9 @@ TABLES = {
     "usage_daily",
     "usage_callers_daily",
     "console_sessions",
+    "teams",
+    "users",
+    "team_members",
 }
 
 

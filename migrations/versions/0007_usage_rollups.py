@@ -1,8 +1,8 @@
 """Usage rollups (hourly, daily, callers per day) kept by the recorder, backfilled from the request log;
 indexes for the request log page's filters.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-02 04:30:00
 
 The backfill sums the existing request_log rows into the rollups in this migration (one INSERT … SELECT
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | Sequence[str] | None = "0005"
+revision: str = "0007"
+down_revision: str | Sequence[str] | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -28,6 +28,8 @@ _DIMENSIONS = (
     ("operation", 32),
     ("outcome", 32),
     ("error_type", 255),
+    ("team_id", 64),
+    ("user_id", 64),
 )
 _CALLER_DIMENSIONS = (("key_id", 64), ("user", 255), ("client_ip", 64))
 _FLOATS = {"cost", "latency_ms_sum", "ttft_ms_sum"}
