@@ -17,7 +17,7 @@ from llm_backend.db.models import (
     RequestLog,
 )
 
-DIMS = ("model", "key_id", "backend", "operation", "outcome", "error_type")
+DIMS = ("model", "key_id", "backend", "operation", "outcome", "error_type", "team_id", "user_id")
 CALLER_DIMS = ("key_id", "user", "client_ip")
 
 
