@@ -161,6 +161,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     waited longest for a request head is closed to make room (a slow client loses its place, a working
     one does not); only when every connection is busy with a request is the newcomer refused (503)."""
 
+    # uvicorn's protocol already fills the instance dict's shared keys: ours in slots keep it from growing
+    # into a dict of its own per connection
+    __slots__ = ("_closing", "_got_bytes", "_head_bytes", "_phase", "_registry")
+
     limits: ClassVar[ServerLimits] = ServerLimits()
     configured: ClassVar[bool] = False
 

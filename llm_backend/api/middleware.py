@@ -26,6 +26,10 @@ _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Header values that name no chat: a UI's template placeholder before the chat has an id
 _NO_CHAT_ID = frozenset({"new", "null", "undefined", "none"})
+#: scope["state"] key of a list where a streaming response that has sent its head leaves itself, for this
+#: middleware to send its body once the chain below has returned (see EventStreamResponse): the object
+#: has `send_body(scope, receive, send)` and `discard()`.
+DEFERRED_BODY_KEY = "llmb.deferred_body"
 
 
 def client_ip(scope: Scope, headers: dict[bytes, bytes], trusted: Sequence[Network]) -> str | None:
@@ -163,9 +167,15 @@ class RequestContextMiddleware:
                 *((k, v) for k, v in scope["headers"] if k not in (b"transfer-encoding", b"content-length")),
                 (b"content-length", str(len(body)).encode()),
             ]
+        deferred: list[Any] = []
+        state[DEFERRED_BODY_KEY] = deferred
         try:
             await self.app(scope, receive, send_wrapper)
+            if deferred:
+                await deferred.pop().send_body(scope, receive, send_wrapper)
         finally:
+            if deferred:  # the chain below failed after the head went out
+                await deferred.pop().discard()
             self._log(scope, caller, status)
 
     async def _buffer(self, receive: Receive) -> tuple[bytes, Receive]:

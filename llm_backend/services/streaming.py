@@ -169,12 +169,10 @@ async def relay_chunks(
                     accountant.journal_start(flight, state.backend, estimate(), status=200)
             if first_token is None:
                 first_token = time.perf_counter()
-            if held is not None:
-                chunk = {**held, **chunk}
-                held = None
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-            else:
-                yield b"data: " + payload + b"\n\n"
+            frame = b"data: " + (payload if held is None else orjson.dumps({**held, **chunk})) + b"\n\n"
+            # the parsed chunk is not kept while the stream waits for the next one (every held stream would)
+            held = chunk = choices = None
+            yield frame
         else:
             outcome, error_type = OUTCOME_OK, None
         final = finish()

@@ -305,10 +305,33 @@ def translate_status(status: int, headers: Mapping[str, str], content: bytes, ba
     )
 
 
+def _shed_request(response: httpx2.Response) -> None:
+    """Once a stream's head is in, forget the request that opened it: its body, the SDK's headers and the
+    transport's copy of them would otherwise stay alive for the whole stream (every held stream pays them).
+    Nothing reads them again: errors while reading the body name the backend, not the request."""
+    response._request = None
+    aio: Any = getattr(getattr(response.stream, "_stream", None), "_aiohttp_response", None)
+    info = getattr(aio, "_request_info", None)
+    if info is not None and _NO_HEADERS is not None and len(info.headers):
+        try:
+            aio._request_info = type(info)(info.url, info.method, _NO_HEADERS, info.real_url)
+        except (TypeError, AttributeError):  # pragma: no cover - another aiohttp's RequestInfo
+            pass
+
+
+try:  # the request headers kept by aiohttp's response, once shed
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    _NO_HEADERS: Any = CIMultiDictProxy(CIMultiDict())
+except ImportError:  # pragma: no cover - aiohttp (and multidict) not installed
+    _NO_HEADERS = None
+
+
 class _SdkStream(UpstreamStream):
     def __init__(self, backend: SdkBackend, response: httpx2.Response, *, events: bool = False) -> None:
         self._backend = backend
         self._response = response
+        _shed_request(response)
         self._events = events
         self.headers = response.headers
         # the whole stream, from the request on, must end within the backend's total timeout
