@@ -54,7 +54,7 @@ class RequestRecord:
     latency_ms: float = 0.0
     ttft_ms: float | None = None  # time to first token (streams)
     key_id: str | None = None
-    user: str | None = None  # the request body's "user" field
+    user: str | None = None  # the signed-in caller's subject, else the request body's "user" field
     client_ip: str | None = None
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
     external_conversation_id: str | None = None  # the client's own chat id (e.g. X-OpenWebUI-Chat-Id)
@@ -64,6 +64,8 @@ class RequestRecord:
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None
+    # whose conversations this threads into when not its key's (a caller signed in with an OIDC token)
+    owner: str | None = None
 
 
 _TEXT_FIELDS = tuple(

@@ -47,6 +47,11 @@ _USAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(Usage))
 # Records as JSON lines (the spill file) and as request_log rows
 
 
+def _owner_of(record: RequestRecord) -> str | None:
+    """Whose conversations a record threads into: its caller's (key, or signed-in user)."""
+    return record.owner if record.owner is not None else record.key_id
+
+
 def record_to_json(record: RequestRecord) -> str:
     """One line of JSON (no newline) that `record_from_json` turns back into the record."""
     data = dataclasses.asdict(record)
@@ -210,7 +215,7 @@ def _thread_helper(
     it got back becomes the conversation's title, as the UI shows it. Unnamed, it is a request without a
     conversation: which chat it quotes cannot be told for sure, and guessing would misfile it.
     """
-    owner = record.key_id
+    owner = _owner_of(record)
     conv: Conversation | None = None
     explicit = record.conversation_id
     if explicit and len(explicit) <= _CONVERSATION_ID_MAX:
@@ -253,7 +258,7 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
     if is_helper_request(messages):
         return _thread_helper(repo, record, messages, reply)
     append_kwargs = _exchange_kwargs(record)
-    owner = record.key_id
+    owner = _owner_of(record)
     model = record.model or record.model_requested
     new_conversation: dict[str, Any] = {
         "title": title_from_messages(messages),
@@ -422,7 +427,7 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
     message_rows: list[dict[str, Any]] = []
     result: dict[str, str] = {}
     for record, messages, reply, candidates in prepared:
-        owner = record.key_id
+        owner = _owner_of(record)
         finished = record.created_at + timedelta(milliseconds=max(record.latency_ms, 0.0))
         conv: _Conv | None = None
         start = 0
@@ -553,7 +558,7 @@ def _serialize_threading(session: Session, records: Sequence[RequestRecord]) -> 
     """
     if session.get_bind().dialect.name != "postgresql":
         return
-    for key in sorted({_lock_key(r.key_id) for r in records}):
+    for key in sorted({_lock_key(_owner_of(r)) for r in records}):
         session.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 

@@ -163,7 +163,8 @@ class Accountant:
         """The fields every record has, whatever became of the request."""
         caller = flight.caller
         caller.recorded = True
-        user = flight.body.get("user")
+        # a signed-in caller is its token's subject, whatever the body says
+        user = caller.identity.subject if caller.identity is not None else flight.body.get("user")
         return {
             "request_id": caller.request_id,
             "created_at": caller.created_at,
@@ -176,6 +177,7 @@ class Accountant:
             "model_requested": flight.requested,
             "latency_ms": (time.perf_counter() - caller.started) * 1000,
             "key_id": caller.key_id,
+            "owner": caller.owner,
             "user": user if isinstance(user, str) else None,
             "client_ip": caller.client_ip,
             "conversation_id": flight.conversation_id,

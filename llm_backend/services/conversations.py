@@ -137,7 +137,7 @@ class ConversationService:
     @staticmethod
     def owner_filter(caller: Caller) -> str | None:
         """The owner a caller is confined to: its key; None (all) for the admin or when auth is off."""
-        return None if caller.is_admin else caller.key_id
+        return None if caller.is_admin else caller.owner
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return asyncio.to_thread(fn, *args, **kwargs)
@@ -153,7 +153,7 @@ class ConversationService:
             with session_scope(self.engine, write=True) as session:
                 conv = ConversationRepository(session).create(
                     title=data.get("title"),
-                    owner=caller.key_id,
+                    owner=caller.owner,
                     model=model,
                     system_prompt=data.get("system_prompt"),
                 )

@@ -61,6 +61,25 @@ class Caller:
     log: dict[str, Any] = field(default_factory=dict)
     recorded: bool = False
     record_messages: bool = True
+    identity: Any = None  # llm_backend.services.oidc.Identity of a caller signed in with an OIDC token
+    user_id: str | None = None  # the user the caller is (an OIDC token's, a key's owner)
+
+    @property
+    def owner(self) -> str | None:
+        """Whose conversations and stored responses the caller's are: its key's, else its user's."""
+        if self.key_id is not None:
+            return self.key_id
+        if self.user_id is not None:
+            return f"user:{self.user_id}"
+        if self.identity is not None:
+            return f"oidc:{_subject_digest(self.identity.issuer, self.identity.subject)}"
+        return None
+
+
+def _subject_digest(issuer: str, subject: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{issuer}|{subject}".encode()).hexdigest()[:40]
 
 
 @dataclass(slots=True)
