@@ -265,8 +265,32 @@ def _model_summary(settings: Settings) -> list[dict[str, Any]]:
                     "priority": b.priority,
                 }
             )
-        out.append({"name": m.name, "aliases": list(m.aliases), "strategy": m.strategy, "backends": backends})
+        summary: dict[str, Any] = {
+            "name": m.name,
+            "aliases": list(m.aliases),
+            "strategy": m.strategy,
+            "backends": backends,
+        }
+        if m.context_window is not None:
+            summary["context_window"] = m.context_window
+        if m.max_output_tokens is not None:
+            summary["max_output_tokens"] = m.max_output_tokens
+        if m.prices is not None:
+            summary["prices"] = {
+                "input": m.prices.input,
+                "cached_input": m.prices.cached_input,
+                "output": m.prices.output,
+            }
+        out.append(summary)
     return out
+
+
+def _prices_cell(model: Mapping[str, Any]) -> str | None:
+    """`2.5/1.25/10` (input/cached input/output per million tokens) for check-config's table."""
+    prices = model.get("prices")
+    if not prices:
+        return None
+    return "/".join(f"{prices[k]:g}" for k in ("input", "cached_input", "output"))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -290,12 +314,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         _print_json({"source": settings.config_source, "valid": True, "models": models})
         return 0
     rows = [
-        {"model": m["name"], "aliases": m["aliases"], "strategy": m["strategy"], **b}
+        {
+            "model": m["name"],
+            "aliases": m["aliases"],
+            "strategy": m["strategy"],
+            **b,
+            "context_window": m.get("context_window"),
+            "max_output_tokens": m.get("max_output_tokens"),
+            "prices": _prices_cell(m),
+        }
         for m in models
         for b in m["backends"]
     ]
+    columns = ["model", "aliases", "strategy", "name", "provider", "target"]
+    # the metadata columns only when some model declares them, so that a plain file reads as before
+    columns += [
+        c for c in ("context_window", "max_output_tokens", "prices") if any(r[c] is not None for r in rows)
+    ]
     _print_table(
-        rows, ["model", "aliases", "strategy", "name", "provider", "target"], headers={"name": "backend"}
+        rows,
+        columns,
+        headers={
+            "name": "backend",
+            "context_window": "context",
+            "max_output_tokens": "max_output",
+            "prices": "per 1M in/cached/out",
+        },
     )
     backends = sum(len(m["backends"]) for m in models)
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -72,6 +73,15 @@ DEFAULT_API_VERSION = "2024-10-21"
 # `api_version: v1` selects Azure's v1 API: {endpoint}/openai/v1/…, no api-version query, the deployment as
 # the body's `model` (any dated version keeps the deployment-style URLs).
 AZURE_V1 = "v1"
+
+
+#: Open WebUI's end-user headers (ENABLE_FORWARD_USER_INFO_HEADERS), the default of TRUSTED_USER_HEADERS.
+DEFAULT_TRUSTED_USER_HEADERS: tuple[tuple[str, str], ...] = (
+    ("id", "X-OpenWebUI-User-Id"),
+    ("email", "X-OpenWebUI-User-Email"),
+    ("name", "X-OpenWebUI-User-Name"),
+    ("role", "X-OpenWebUI-User-Role"),
+)
 
 
 class ConfigError(Exception):
@@ -145,6 +155,18 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Prices:
+    """What a model costs, in currency units (USD as the providers bill) per million tokens.
+
+    `cached_input` is the price of prompt tokens served from the provider's prompt cache; a models file
+    that gives no `cached_input` bills them at `input`."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model name clients send, its aliases and the backends that serve it."""
 
@@ -157,6 +179,9 @@ class ModelConfig:
     owned_by: str = "llm-backend"
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     wildcard: bool = False  # forwards any model name (OPENAI_BASE_URL without OPENAI_MODELS)
+    context_window: int | None = None  # tokens of prompt + answer the model accepts (models file only)
+    max_output_tokens: int | None = None  # the most tokens one answer may have (models file only)
+    prices: Prices | None = None  # per million tokens; None: cost is not recorded (models file only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +224,9 @@ class Settings:
     # Request headers that name the conversation, first present wins: X-Conversation-Id is our own id,
     # any other (Open WebUI's chat id, a LibreChat `headers:` entry) is the client's chat id, per key.
     conversation_id_headers: tuple[str, ...] = ("X-Conversation-Id", "X-OpenWebUI-Chat-Id")
+    # Headers a key marked trusted_ui names its end user with: (field, header) pairs, field one of id,
+    # email, name, role; of several headers for one field the first present wins (TRUSTED_USER_HEADERS).
+    trusted_user_headers: tuple[tuple[str, str], ...] = DEFAULT_TRUSTED_USER_HEADERS
     # sign-in with an OIDC provider (Entra ID or any other): access tokens on the API, the console's login
     oidc: OidcSettings = field(default_factory=lambda: OidcSettings())
 
@@ -244,6 +272,7 @@ class Settings:
             conversation_id_headers=tuple(
                 _split(env.get("CONVERSATION_ID_HEADERS", "X-Conversation-Id,X-OpenWebUI-Chat-Id"))
             ),
+            trusted_user_headers=trusted_user_headers(env.get("TRUSTED_USER_HEADERS")),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
             oidc=oidc_settings_from_env(env),
         )
@@ -309,6 +338,30 @@ def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, 
                 f"environment: TRUSTED_PROXIES has {part!r}, which is not an IP address or CIDR range"
             ) from None
     return tuple(nets)
+
+
+TRUSTED_USER_FIELDS = ("id", "email", "name", "role")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def trusted_user_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """TRUSTED_USER_HEADERS: comma-separated field=Header pairs (fields id, email, name, role; id is
+    required; a field may be given several headers, the first present wins). Empty or unset: Open WebUI's
+    X-OpenWebUI-User-Id, -Email, -Name and -Role."""
+    if raw is None or not raw.strip():
+        return DEFAULT_TRUSTED_USER_HEADERS
+    pairs: list[tuple[str, str]] = []
+    for part in _split(raw):
+        field, sep, header = (p.strip() for p in part.partition("="))
+        if not sep or field.lower() not in TRUSTED_USER_FIELDS or not _HEADER_NAME.match(header):
+            raise ConfigError(
+                f"environment: TRUSTED_USER_HEADERS entry {part!r} is not field=Header-Name with field one "
+                f"of {', '.join(TRUSTED_USER_FIELDS)}"
+            )
+        pairs.append((field.lower(), header))
+    if not any(f == "id" for f, _ in pairs):
+        raise ConfigError("environment: TRUSTED_USER_HEADERS names no header for the user's id (id=Header)")
+    return tuple(pairs)
 
 
 def _split(raw: str) -> list[str]:
@@ -484,7 +537,12 @@ _MODEL_KEYS = {
     "fail_over_on",
     "owned_by",
     "circuit_breaker",
+    "context_window",
+    "max_output_tokens",
+    "prices",
 }
+_META_KEYS = ("context_window", "max_output_tokens", "prices")
+_PRICE_KEYS = ("input", "cached_input", "output")
 _BREAKER_KEYS = {"failure_threshold", "cooldown", "failure_rate", "window", "min_requests"}
 _TIMEOUT_KEYS = {"connect", "first_byte", "total"}
 _BACKEND_KEYS = {
@@ -566,6 +624,22 @@ def _parse_model(raw: Any, index: int, env: Mapping[str, str], p: _Problems) -> 
                 )
             seen.add(b.name)
     breaker = _parse_breaker(raw.get("circuit_breaker"), f"{where}.circuit_breaker", p)
+    # the metadata may come from the environment (${VAR}), as backend settings do
+    unset: list[tuple[str, str]] = []
+    meta = {k: _interpolate(raw.get(k), env, f"{where}.{k}", unset) for k in _META_KEYS}
+    for place, var in dict.fromkeys(unset):
+        p.add(place, f"uses ${{{var}}} but {var} is not set; export {var} (or write ${{{var}:-default}})")
+    for key in {place.removeprefix(f"{where}.").split(".", 1)[0] for place, _ in unset}:
+        meta[key] = None  # said already
+    context_window = _tokens(meta["context_window"], f"{where}.context_window", p)
+    max_output_tokens = _tokens(meta["max_output_tokens"], f"{where}.max_output_tokens", p)
+    if context_window is not None and max_output_tokens is not None and max_output_tokens > context_window:
+        p.add(
+            f"{where}.max_output_tokens",
+            f"{max_output_tokens} is more than context_window ({context_window}); an answer cannot be longer "
+            "than the window it shares with the prompt",
+        )
+    prices = _parse_prices(meta["prices"], f"{where}.prices", p)
     if name is None:
         return None
     # returned even when something above was wrong (the loader then raises), so that name clashes with
@@ -579,7 +653,66 @@ def _parse_model(raw: Any, index: int, env: Mapping[str, str], p: _Problems) -> 
         retries=retries,
         fail_over_on=tuple(str(c) for c in fail_over_on),
         owned_by=str(raw.get("owned_by", "llm-backend")),
+        context_window=context_window,
+        max_output_tokens=max_output_tokens,
+        prices=prices,
     )
+
+
+def _tokens(value: Any, where: str, p: _Problems) -> int | None:
+    """An optional token count (context_window, max_output_tokens): a whole number >= 1, or absent."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():  # after ${VAR} interpolation
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        p.add(where, f"expected a whole number of tokens >= 1, not {value!r}")
+        return None
+    return value
+
+
+def _price(value: Any, where: str, p: _Problems) -> float | None:
+    """One price per million tokens: a finite number >= 0 (a numeric string after ${VAR} interpolation)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            sign = value.strip()[:1] in ("$", "€", "£") and not value.strip().startswith("${")
+            hint = " (write the number alone, without a currency sign)" if sign else ""
+            p.add(where, f"expected a price per million tokens (a number >= 0), not {value!r}{hint}")
+            return None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        p.add(where, f"expected a price per million tokens (a number >= 0), not {value!r}")
+        return None
+    if number < 0:
+        p.add(where, f"a price cannot be negative ({value!r}); use 0 for a free model")
+        return None
+    return float(number)
+
+
+def _parse_prices(raw: Any, where: str, p: _Problems) -> Prices | None:
+    """`prices: {input, cached_input, output}` per million tokens; input and output are required,
+    cached_input defaults to input (a provider without a prompt-cache discount)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        p.add(where, "expected a mapping of input, cached_input and output (per million tokens)")
+        return None
+    meant = _unknown_keys(raw, _PRICE_KEYS, where, p)
+    found: dict[str, float | None] = {}
+    for key in _PRICE_KEYS:
+        if key in raw:
+            found[key] = _price(raw[key], f"{where}.{key}", p)
+        elif key != "cached_input" and key not in meant:  # a misspelt key has had its line already
+            p.add(where, f"{key!r} is missing; give the {key} price per million tokens")
+    input_price, output_price = found.get("input"), found.get("output")
+    if input_price is None or output_price is None:
+        return None
+    cached = found.get("cached_input", input_price)
+    if cached is None:
+        return None
+    return Prices(input=input_price, cached_input=cached, output=output_price)
 
 
 def _parse_breaker(raw: Any, where: str, p: _Problems) -> BreakerConfig:

@@ -6,7 +6,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ class Resources:
     admit: Callable[..., Awaitable[Any]] | None = None
     authenticator: Any = None
     key_store: Any = None
+    org: Any = None  # llm_backend.services.org.OrgStore (teams and users), with a database
+    members: Any = None  # llm_backend.services.org.Members: resolve_user() for the serving path
     conversations: Any = None
     responses: Any = None  # llm_backend.services.responses.ResponsesService
     limiter: Any = None
@@ -61,10 +63,13 @@ class Resources:
     recorded_routes: frozenset[str] = frozenset()  # route templates of the model calls (POST /v1/…)
     extra_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = field(default_factory=list)
 
-    async def authenticate(self, token: str, caller: Caller) -> dict[str, Any] | None:
+    async def authenticate(
+        self, token: str, caller: Caller, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any] | None:
+        """`headers` are the request's (a trusted front-end may name its end user in them)."""
         if self.authenticator is None:
             return {"sub": "anonymous"}
-        principal: dict[str, Any] | None = await self.authenticator(token, caller)
+        principal: dict[str, Any] | None = await self.authenticator(token, caller, headers)
         return principal
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:

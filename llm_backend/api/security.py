@@ -15,7 +15,9 @@ OIDC_SCHEME = "oidcAuth"
 
 async def _principal(token: str, request: ConnexionRequest) -> dict[str, Any] | None:
     state = request.scope["state"]
-    principal: dict[str, Any] | None = await state["resources"].authenticate(token, state["caller"])
+    principal: dict[str, Any] | None = await state["resources"].authenticate(
+        token, state["caller"], request.headers
+    )
     return principal
 
 

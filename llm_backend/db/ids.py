@@ -27,3 +27,13 @@ def new_uuid7() -> str:
 def new_api_key_id() -> str:
     """A public api key id such as `key_5f3c9a1b2d4e6f70`."""
     return f"key_{secrets.token_hex(8)}"
+
+
+def new_team_id() -> str:
+    """A public team id such as `team_5f3c9a1b2d4e6f70`."""
+    return f"team_{secrets.token_hex(8)}"
+
+
+def new_user_id() -> str:
+    """A public user id such as `user_5f3c9a1b2d4e6f70`."""
+    return f"user_{secrets.token_hex(8)}"

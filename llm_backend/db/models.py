@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models: the request log, conversations and their messages, and api keys."""
+"""SQLAlchemy 2 models: the request log, conversations and their messages, api keys, teams and users."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from llm_backend.db.base import Base, JSONType, UTCDateTime, utcnow
-from llm_backend.db.ids import new_api_key_id, new_uuid7
+from llm_backend.db.ids import new_api_key_id, new_team_id, new_user_id, new_uuid7
 from llm_backend.db.storable import storable
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,14 @@ class RequestLog(Base):
     conversation_id: Mapped[str | None] = mapped_column(sa.String(64))
     # what the client sent as its own id (X-Client-Request-Id, x-ms-client-request-id or X-Request-Id)
     client_request_id: Mapped[str | None] = mapped_column(sa.String(512))
+    # the user and team the request counted against (users.id, teams.id), if any
+    user_id: Mapped[str | None] = mapped_column(sa.String(64))
+    team_id: Mapped[str | None] = mapped_column(sa.String(64))
 
     __table_args__ = (
         sa.Index("ix_request_log_created_at", "created_at"),
+        sa.Index("ix_request_log_user_id_created_at", "user_id", "created_at"),
+        sa.Index("ix_request_log_team_id_created_at", "team_id", "created_at"),
         sa.Index("ix_request_log_key_id_created_at", "key_id", "created_at"),
         sa.Index("ix_request_log_model_created_at", "model", "created_at"),
         sa.Index("ix_request_log_conversation_id", "conversation_id"),
@@ -159,8 +164,83 @@ class ApiKey(Base):
     enabled: Mapped[bool] = mapped_column(sa.Boolean, default=True, server_default=sa.true())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # the team and user the key belongs to (their limits apply too); no foreign key: checked by the service
+    team_id: Mapped[str | None] = mapped_column(sa.String(64))
+    user_id: Mapped[str | None] = mapped_column(sa.String(64))
+    # a front-end trusted to name its end user per request (TRUSTED_USER_HEADERS)
+    trusted_ui: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
 
     __table_args__ = (sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),)
+
+
+class Team(Base):
+    """A team (a department, a project): allowed models, rate limits, token and money budgets, and the
+    OIDC groups whose members belong to it."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True, default=new_team_id)
+    name: Mapped[str] = mapped_column(sa.String(255))
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSONType)  # None: every model
+    rpm: Mapped[int | None] = mapped_column(sa.Integer)
+    tpm: Mapped[int | None] = mapped_column(sa.Integer)
+    max_parallel: Mapped[int | None] = mapped_column(sa.Integer)
+    daily_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    monthly_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    daily_spend: Mapped[float | None] = mapped_column(sa.Float)  # in the currency of the models' prices
+    monthly_spend: Mapped[float | None] = mapped_column(sa.Float)
+    groups: Mapped[list[str] | None] = mapped_column(JSONType)  # OIDC group ids/names mapped to the team
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (sa.Index("ux_teams_name", "name", unique=True),)
+
+
+class User(Base):
+    """A person, identified by the OIDC subject (Entra ID `oid`, else `sub`) within its issuer, with
+    optional limits and budgets of their own."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True, default=new_user_id)
+    issuer: Mapped[str] = mapped_column(sa.String(512))
+    subject: Mapped[str] = mapped_column(sa.String(255))
+    email: Mapped[str | None] = mapped_column(sa.String(320))
+    name: Mapped[str | None] = mapped_column(sa.String(255))
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSONType)
+    rpm: Mapped[int | None] = mapped_column(sa.Integer)
+    tpm: Mapped[int | None] = mapped_column(sa.Integer)
+    max_parallel: Mapped[int | None] = mapped_column(sa.Integer)
+    daily_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    monthly_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    daily_spend: Mapped[float | None] = mapped_column(sa.Float)
+    monthly_spend: Mapped[float | None] = mapped_column(sa.Float)
+    groups: Mapped[list[str] | None] = mapped_column(JSONType)  # the group claims last seen
+    enabled: Mapped[bool] = mapped_column(sa.Boolean, default=True, server_default=sa.true())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (sa.Index("ux_users_issuer_subject", "issuer", "subject", unique=True),)
+
+
+class TeamMember(Base):
+    """A user's membership of a team, and where it comes from: the user's group claims (kept in sync at
+    every sign-in), an admin's assignment (kept until an admin removes it), or both."""
+
+    __tablename__ = "team_members"
+
+    team_id: Mapped[str] = mapped_column(
+        sa.String(64), sa.ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        sa.String(64), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    role: Mapped[str] = mapped_column(sa.String(16), default="member", server_default="member")
+    via_groups: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
+    via_admin: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (sa.Index("ix_team_members_user_id", "user_id"),)
 
 
 class ResponseOwner(Base):
@@ -196,4 +276,4 @@ def _listen_to_texts(*models: type[Base]) -> None:
                 sa.event.listen(getattr(model, attr.key), "set", _storable_on_set, retval=True)
 
 
-_listen_to_texts(RequestLog, Conversation, Message, ApiKey, ResponseOwner)
+_listen_to_texts(RequestLog, Conversation, Message, ApiKey, ResponseOwner, Team, User, TeamMember)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from llm_backend.db.base import utcnow
 from llm_backend.db.ids import new_uuid7
-from llm_backend.db.models import ApiKey, Conversation, Message, RequestLog
+from llm_backend.db.models import ApiKey, Conversation, Message, RequestLog, Team, TeamMember, User
 from llm_backend.recording.threading import normalize_message, transcript_hash
 
 logger = logging.getLogger(__name__)
@@ -452,6 +452,9 @@ _API_KEY_UPDATABLE = frozenset(
         "allowed_ips",
         "expires_at",
         "enabled",
+        "team_id",
+        "user_id",
+        "trusted_ui",
     }
 )
 
@@ -479,6 +482,9 @@ class ApiKeyRepository:
         allowed_ips: list[str] | None = None,
         expires_at: datetime | None = None,
         enabled: bool = True,
+        team_id: str | None = None,
+        user_id: str | None = None,
+        trusted_ui: bool = False,
     ) -> ApiKey:
         key = ApiKey(
             name=name,
@@ -494,6 +500,9 @@ class ApiKeyRepository:
             allowed_ips=allowed_ips,
             expires_at=expires_at,
             enabled=enabled,
+            team_id=team_id,
+            user_id=user_id,
+            trusted_ui=trusted_ui,
             created_at=utcnow(),
         )
         if key_id:
@@ -508,10 +517,14 @@ class ApiKeyRepository:
     def get_by_hash(self, key_hash: str) -> ApiKey | None:
         return self.session.scalars(sa.select(ApiKey).where(ApiKey.key_hash == key_hash)).first()
 
-    def list(self, *, owner: str | None = None, enabled: bool | None = None) -> list[ApiKey]:
+    def list(
+        self, *, owner: str | None = None, enabled: bool | None = None, team_id: str | None = None
+    ) -> list[ApiKey]:
         stmt = sa.select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
         if owner is not None:
             stmt = stmt.where(ApiKey.owner == owner)
+        if team_id is not None:
+            stmt = stmt.where(ApiKey.team_id == team_id)
         if enabled is not None:
             stmt = stmt.where(ApiKey.enabled.is_(enabled))
         return list(self.session.scalars(stmt))
@@ -547,6 +560,181 @@ class ApiKeyRepository:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Teams and users
+
+ORG_LIMIT_COLUMNS = (
+    "allowed_models",
+    "rpm",
+    "tpm",
+    "max_parallel",
+    "daily_tokens",
+    "monthly_tokens",
+    "daily_spend",
+    "monthly_spend",
+)
+_TEAM_UPDATABLE = frozenset({"name", "groups", *ORG_LIMIT_COLUMNS})
+_USER_UPDATABLE = frozenset({"email", "name", "enabled", *ORG_LIMIT_COLUMNS})
+
+
+class TeamRepository:
+    """Teams, by id or by name, and the teams that OIDC groups map to."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def create(self, *, name: str, **fields: Any) -> Team:
+        bad = set(fields) - _TEAM_UPDATABLE
+        if bad:
+            raise ValueError(f"unknown team fields {sorted(bad)}")
+        now = utcnow()
+        team = Team(name=name, created_at=now, updated_at=now, **fields)
+        self.session.add(team)
+        self.session.flush()
+        return team
+
+    def get(self, team_id: str) -> Team | None:
+        return self.session.get(Team, team_id)
+
+    def get_by_name(self, name: str) -> Team | None:
+        return self.session.scalars(sa.select(Team).where(Team.name == name)).first()
+
+    def list(self) -> builtins.list[Team]:
+        return builtins.list(self.session.scalars(sa.select(Team).order_by(Team.name, Team.id)))
+
+    def with_groups(self) -> builtins.list[Team]:
+        """Teams mapped to at least one OIDC group."""
+        return [t for t in self.list() if t.groups]
+
+    def update(self, team_id: str, **fields: Any) -> Team | None:
+        bad = set(fields) - _TEAM_UPDATABLE
+        if bad:
+            raise ValueError(f"cannot update team fields {sorted(bad)}")
+        team = self.get(team_id)
+        if team is None:
+            return None
+        for name, value in fields.items():
+            setattr(team, name, value)
+        team.updated_at = utcnow()
+        self.session.flush()
+        return team
+
+    def delete(self, team_id: str) -> bool:
+        self.session.execute(sa.delete(TeamMember).where(TeamMember.team_id == team_id))
+        result = self.session.execute(
+            sa.delete(Team).where(Team.id == team_id).execution_options(synchronize_session=False)
+        )
+        self.session.expire_all()
+        return bool(getattr(result, "rowcount", 0))
+
+    def members(self, team_id: str) -> builtins.list[tuple[TeamMember, User]]:
+        stmt = (
+            sa.select(TeamMember, User)
+            .join(User, User.id == TeamMember.user_id)
+            .where(TeamMember.team_id == team_id)
+            .order_by(User.email, User.id)
+        )
+        return [(m, u) for m, u in self.session.execute(stmt).tuples()]
+
+
+class UserRepository:
+    """Users by id or by (issuer, subject), and their team memberships."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, user_id: str) -> User | None:
+        return self.session.get(User, user_id)
+
+    def get_by_subject(self, issuer: str, subject: str) -> User | None:
+        stmt = sa.select(User).where(User.issuer == issuer, User.subject == subject)
+        return self.session.scalars(stmt).first()
+
+    def create(self, *, issuer: str, subject: str, **fields: Any) -> User:
+        user = User(issuer=issuer, subject=subject, created_at=utcnow(), **fields)
+        self.session.add(user)
+        self.session.flush()
+        return user
+
+    def list(
+        self, *, team_id: str | None = None, q: str | None = None, limit: int = 1000
+    ) -> builtins.list[User]:
+        stmt = sa.select(User)
+        if team_id is not None:
+            stmt = stmt.join(TeamMember, TeamMember.user_id == User.id).where(TeamMember.team_id == team_id)
+        if q:
+            pattern = f"%{_escape_like(q.lower())}%"
+            stmt = stmt.where(
+                sa.or_(
+                    sa.func.lower(User.email).like(pattern, escape="\\"),
+                    sa.func.lower(User.name).like(pattern, escape="\\"),
+                    User.subject == q,
+                )
+            )
+        stmt = stmt.order_by(User.created_at, User.id).limit(max(1, min(int(limit), 10_000)))
+        return builtins.list(self.session.scalars(stmt))
+
+    def update(self, user_id: str, **fields: Any) -> User | None:
+        bad = set(fields) - _USER_UPDATABLE - {"groups", "last_seen_at"}
+        if bad:
+            raise ValueError(f"cannot update user fields {sorted(bad)}")
+        user = self.get(user_id)
+        if user is None:
+            return None
+        for name, value in fields.items():
+            setattr(user, name, value)
+        self.session.flush()
+        return user
+
+    def memberships(self, user_id: str) -> builtins.list[tuple[TeamMember, Team]]:
+        """The user's memberships with their teams, by team name."""
+        stmt = (
+            sa.select(TeamMember, Team)
+            .join(Team, Team.id == TeamMember.team_id)
+            .where(TeamMember.user_id == user_id)
+            .order_by(Team.name, Team.id)
+        )
+        return [(m, t) for m, t in self.session.execute(stmt).tuples()]
+
+    def set_membership(
+        self,
+        user_id: str,
+        team_id: str,
+        *,
+        via_groups: bool | None = None,
+        via_admin: bool | None = None,
+        role: str | None = None,
+    ) -> TeamMember | None:
+        """Set where a membership comes from (None: unchanged); a membership from nowhere is removed."""
+        member = self.session.get(TeamMember, (team_id, user_id))
+        if member is None:
+            if not via_groups and not via_admin:
+                return None
+            member = TeamMember(
+                team_id=team_id,
+                user_id=user_id,
+                role=role or "member",
+                via_groups=bool(via_groups),
+                via_admin=bool(via_admin),
+                created_at=utcnow(),
+            )
+            self.session.add(member)
+            self.session.flush()
+            return member
+        if via_groups is not None:
+            member.via_groups = via_groups
+        if via_admin is not None:
+            member.via_admin = via_admin
+        if role is not None:
+            member.role = role
+        if not member.via_groups and not member.via_admin:
+            self.session.delete(member)
+            self.session.flush()
+            return None
+        self.session.flush()
+        return member
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Budget windows
 
 
@@ -563,3 +751,29 @@ def key_token_totals(
     ).where(RequestLog.key_id == key_id, RequestLog.created_at >= since)
     day, month = session.execute(stmt).one()
     return int(day or 0), int(month or 0)
+
+
+#: The request log column each limiter level's usage is summed by.
+LEVEL_COLUMNS = {"key": "key_id", "user": "user_id", "team": "team_id"}
+
+
+def level_totals(
+    session: Session, level: str, level_id: str, day_start: datetime, month_start: datetime
+) -> tuple[int, int, float, float]:
+    """Tokens and cost of one limiter level (a key, a user or a team) since `day_start` and `month_start`:
+    what its budget counters are re-seeded from (cost 0 where the log holds none)."""
+    column = getattr(RequestLog, LEVEL_COLUMNS[level])
+    since = min(day_start, month_start)
+    total = RequestLog.total_tokens
+    cost = getattr(RequestLog, "cost", None)
+
+    def summed(value: Any, start: datetime) -> Any:
+        return sa.func.coalesce(sa.func.sum(sa.case((RequestLog.created_at >= start, value), else_=0)), 0)
+
+    cols = [summed(total, day_start), summed(total, month_start)]
+    if cost is not None:
+        cols += [summed(cost, day_start), summed(cost, month_start)]
+    row = session.execute(sa.select(*cols).where(column == level_id, RequestLog.created_at >= since)).one()
+    day_cost = float(row[2] or 0.0) if cost is not None else 0.0
+    month_cost = float(row[3] or 0.0) if cost is not None else 0.0
+    return int(row[0] or 0), int(row[1] or 0), day_cost, month_cost

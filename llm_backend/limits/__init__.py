@@ -6,15 +6,20 @@ import logging
 from typing import Any
 
 from .base import (
+    MICROS,
     KeyLimits,
+    Level,
+    LevelKind,
     Limiter,
     LimiterUnavailable,
     LimitExceeded,
+    Limits,
     RateLimitState,
     Reservation,
     SeedNeeded,
     format_duration,
     month_start,
+    to_micros,
 )
 from .estimate import estimate_tokens
 from .memory import InMemoryLimiter
@@ -36,11 +41,15 @@ def make_limiter(redis_url: str | None, *, fail_open: bool, **options: Any) -> L
 
 
 __all__ = [
+    "MICROS",
     "InMemoryLimiter",
     "KeyLimits",
+    "Level",
+    "LevelKind",
     "LimitExceeded",
     "Limiter",
     "LimiterUnavailable",
+    "Limits",
     "RateLimitState",
     "Reservation",
     "SeedNeeded",
@@ -48,4 +57,5 @@ __all__ = [
     "format_duration",
     "make_limiter",
     "month_start",
+    "to_micros",
 ]

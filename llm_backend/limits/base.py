@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
-LimitKind = Literal["requests", "tokens", "parallel", "daily_budget", "monthly_budget"]
+LimitKind = Literal[
+    "requests", "tokens", "parallel", "daily_budget", "monthly_budget", "daily_spend", "monthly_spend"
+]
+LevelKind = Literal["key", "user", "team"]
 
 #: Length of the RPM/TPM window in seconds. Implementations take it as a constructor argument so that
 #: tests can use a one-second window instead of sleeping for a minute.
@@ -32,6 +36,58 @@ class KeyLimits:
     max_parallel: int | None = None  # concurrent in-flight requests
     daily_tokens: int | None = None  # budget per UTC day
     monthly_tokens: int | None = None  # budget per UTC calendar month
+    daily_spend: float | None = None  # money budget per UTC day, in the currency of the models' prices
+    monthly_spend: float | None = None  # money budget per UTC calendar month
+
+    def unlimited(self) -> bool:
+        return all(
+            v is None
+            for v in (
+                self.rpm,
+                self.tpm,
+                self.max_parallel,
+                self.daily_tokens,
+                self.monthly_tokens,
+                self.daily_spend,
+                self.monthly_spend,
+            )
+        )
+
+    def budgeted(self) -> bool:
+        """Whether a budget window (tokens or money) is limited: its counters need seeding."""
+        return any(
+            v is not None
+            for v in (self.daily_tokens, self.monthly_tokens, self.daily_spend, self.monthly_spend)
+        )
+
+
+#: Limits are counted per level: the request's key, its user and its team each have their own counters.
+Limits = KeyLimits
+
+#: Money is counted in millionths of the currency unit (integers: exact sums in Lua and Python alike).
+MICROS = 1_000_000
+
+
+def to_micros(amount: float | None) -> int | None:
+    """An amount of money as whole millionths (rounded up: a budget never grows by rounding)."""
+    return None if amount is None else max(0, math.ceil(amount * MICROS - 1e-6))
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One level a request counts against: its key, its user or its team, with that level's limits.
+
+    `name` is what a refusal shows (a key's or a team's name, a user's email); never a secret."""
+
+    kind: LevelKind
+    id: str
+    limits: KeyLimits
+    name: str | None = None
+
+    @property
+    def counter(self) -> str:
+        """The counter's name in the store; a key's is its bare id (the counters keys had before levels)."""
+        return self.id if self.kind == "key" else f"{self.kind}:{self.id}"
 
 
 def format_duration(seconds: float) -> str:
@@ -92,7 +148,17 @@ _DESCRIPTIONS: dict[str, str] = {
     "tokens": "tokens per minute (TPM)",
     "daily_budget": "daily token budget",
     "monthly_budget": "monthly token budget",
+    "daily_spend": "daily spend budget",
+    "monthly_spend": "monthly spend budget",
 }
+_BUDGETS = ("daily_budget", "monthly_budget", "daily_spend", "monthly_spend")
+_LEVEL_NAMES = {"key": "API key", "user": "user", "team": "team"}
+
+
+def money(micros: float) -> str:
+    """An amount of millionths as currency units, with as many decimals as it needs (at most six)."""
+    text = f"{micros / MICROS:.6f}".rstrip("0")
+    return text + "00" if text.endswith(".") else text
 
 
 class LimitExceeded(Exception):
@@ -107,26 +173,54 @@ class LimitExceeded(Exception):
         limit: int,
         used: float,
         requested: int,
+        level: Level | None = None,
     ) -> None:
         self.kind: LimitKind = kind
         self.retry_after = max(0.0, retry_after)
         self.state = state
-        self.limit = limit
+        self.limit = limit  # a spend budget's figures are millionths of the currency unit
         self.used = used
         self.requested = requested
+        self.level = level  # the level that refused (None: a key, as before levels)
         super().__init__(self.message)
 
     @property
+    def level_kind(self) -> LevelKind:
+        return self.level.kind if self.level is not None else "key"
+
+    @property
+    def budget(self) -> bool:
+        return self.kind in _BUDGETS
+
+    @property
     def code(self) -> str:
-        """OpenAI's error code: a spent budget is insufficient_quota, everything else rate_limit_exceeded."""
-        return (
-            "insufficient_quota" if self.kind in ("daily_budget", "monthly_budget") else "rate_limit_exceeded"
-        )
+        """The error code: a key's spent budget is OpenAI's insufficient_quota, a user's or a team's
+        user_budget_exceeded / team_budget_exceeded; every rate or parallel limit rate_limit_exceeded."""
+        if not self.budget:
+            return "rate_limit_exceeded"
+        kind = self.level_kind
+        return "insufficient_quota" if kind == "key" else f"{kind}_budget_exceeded"
 
     @property
     def message(self) -> str:
-        """Human text naming the limit (never the key)."""
+        """Human text naming the limit and, for a user or a team, the level (never a key's secret)."""
+        text = self._message()
+        level = self.level
+        if level is None or level.kind == "key":
+            return text
+        who = f" '{level.name}'" if level.name else ""
+        return f"Your {_LEVEL_NAMES[level.kind]}{who} refused the request. {text}"
+
+    def _message(self) -> str:
         wait = format_duration(self.retry_after)
+        if self.kind in ("daily_spend", "monthly_spend"):
+            period = "UTC day" if self.kind == "daily_spend" else "UTC month"
+            return (
+                f"You exceeded your {_DESCRIPTIONS[self.kind]}: limit {money(self.limit)}, used "
+                f"{money(self.used)}, requested {money(self.requested)} (used includes requests in flight; "
+                "a request reserves its estimated cost up front: a lower max_tokens reserves less). "
+                f"The budget resets at the start of the next {period}, in {wait}."
+            )
         if self.kind == "parallel":
             return (
                 f"Too many parallel requests: limit {self.limit} in flight. "
@@ -156,11 +250,13 @@ class SeedNeeded(Exception):
     worker, a new day): nothing was taken. Load the key's usage of that day and month from the request log,
     hand it to seed(), then acquire again."""
 
-    def __init__(self, key_id: str, day: int, month: int) -> None:
-        super().__init__(f"budget counters of key {key_id} need seeding for day {day}, month {month}")
+    def __init__(self, key_id: str, day: int, month: int, level: Level | None = None) -> None:
+        what = f"{level.kind} {level.id}" if level is not None else f"key {key_id}"
+        super().__init__(f"budget counters of {what} need seeding for day {day}, month {month}")
         self.key_id = key_id
         self.day = day
         self.month = month
+        self.level = level if level is not None else Level("key", key_id, KeyLimits())
 
 
 @dataclass(slots=True, weakref_slot=True)
@@ -171,6 +267,8 @@ class Reservation:
     tokens: int
     state: RateLimitState
     limits: KeyLimits = field(default_factory=KeyLimits)
+    levels: tuple[Level, ...] = ()  # every level the reservation was taken on (the first is key_id's)
+    cost: int = 0  # millionths of the currency unit reserved against spend budgets
     id: str = ""
     acquired_at: float = 0.0  # the limiter's clock (Redis TIME for Redis) when the tokens were reserved
     day: int = 0  # UTC day number (days since the epoch) the budget reservation was booked on
@@ -212,24 +310,51 @@ class Limiter(abc.ABC):
     - A limit of 0 refuses every request; None is unlimited.
     """
 
-    @abc.abstractmethod
     async def acquire(self, key_id: str, limits: KeyLimits, reserve_tokens: int) -> Reservation:
-        """Atomically count the request, take a parallel slot and reserve tokens; LimitExceeded if any
-        limit would be exceeded (then nothing is taken)."""
+        """Atomically count the request, take a parallel slot and reserve tokens on one key; LimitExceeded
+        if any limit would be exceeded (then nothing is taken)."""
+        return await self.acquire_levels((Level("key", key_id, limits),), reserve_tokens)
 
     @abc.abstractmethod
-    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Release the parallel slot and replace the reservation by the actual usage. A second call for
-        the same reservation does nothing."""
+    async def acquire_levels(
+        self, levels: Sequence[Level], reserve_tokens: int, reserve_cost: int = 0
+    ) -> Reservation:
+        """Atomically, on every level at once: count the request, take a parallel slot, reserve tokens and
+        `reserve_cost` (millionths) against spend budgets. LimitExceeded names the level and the limit
+        that refused (of several, the one with the longest wait); then nothing is taken on any level."""
 
     @abc.abstractmethod
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, actual_cost: int | None = None
+    ) -> None:
+        """Release the parallel slots and replace the reservation by the actual usage on every level
+        (`actual_cost` in millionths; None keeps the reserved cost). A second call does nothing."""
+
     async def usage(self, key_id: str, limits: KeyLimits) -> dict[str, Any]:
         """Current counters of one key, for admin/status pages."""
+        return await self.usage_level(Level("key", key_id, limits))
 
-    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:  # noqa: B027
-        """Put a budget window's usage from the request log in, after SeedNeeded. A counter keeps the larger
-        of what it has and what it is given (see the implementations); a seed for a day (month) that is no
-        longer the current one is ignored."""
+    @abc.abstractmethod
+    async def usage_level(self, level: Level) -> dict[str, Any]:
+        """Current counters of one level (a key, a user, a team)."""
+
+    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:
+        """Put a key's budget window usage from the request log in (see seed_level)."""
+        await self.seed_level(Level("key", key_id, KeyLimits()), day, day_tokens, month, month_tokens)
+
+    async def seed_level(  # noqa: B027
+        self,
+        level: Level,
+        day: int,
+        day_tokens: int,
+        month: int,
+        month_tokens: int,
+        day_cost: int = 0,
+        month_cost: int = 0,
+    ) -> None:
+        """Put a level's budget window usage (tokens, and cost in millionths) from the request log in,
+        after SeedNeeded. A counter keeps the larger of what it has and what it is given (see the
+        implementations); a seed for a day (month) that is no longer the current one is ignored."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -297,6 +422,8 @@ def usage_report(
     month_used: int,
     now: float,
     window_s: float,
+    day_cost: int = 0,
+    month_cost: int = 0,
 ) -> dict[str, Any]:
     """The usage() dictionary both implementations return."""
     state = rate_state(limits, requests_level, tokens_level, window_s)
@@ -304,6 +431,10 @@ def usage_report(
     def budget(limit: int | None, used: int, reset: float) -> dict[str, Any]:
         remaining = None if limit is None else max(0, limit - used)
         return {"limit": limit, "used": used, "remaining": remaining, "reset_s": reset}
+
+    def spend(limit: float | None, used: int, reset: float) -> dict[str, Any]:
+        remaining = None if limit is None else max(0.0, limit - used / MICROS)
+        return {"limit": limit, "used": used / MICROS, "remaining": remaining, "reset_s": reset}
 
     return {
         "requests": {
@@ -321,4 +452,25 @@ def usage_report(
         "parallel": {"limit": limits.max_parallel, "in_flight": in_flight},
         "daily_tokens": budget(limits.daily_tokens, day_used, seconds_to_next_day(now)),
         "monthly_tokens": budget(limits.monthly_tokens, month_used, seconds_to_next_month(now)),
+        "daily_spend": spend(limits.daily_spend, day_cost, seconds_to_next_day(now)),
+        "monthly_spend": spend(limits.monthly_spend, month_cost, seconds_to_next_month(now)),
     }
+
+
+def tightest(states: Sequence[RateLimitState]) -> RateLimitState:
+    """The x-ratelimit-* state of several levels: for requests and for tokens, the level with the least
+    remaining (ties: the one that takes longer to reset)."""
+    if len(states) == 1:
+        return states[0]
+    req = [s for s in states if s.limit_requests is not None]
+    tok = [s for s in states if s.limit_tokens is not None]
+    r = min(req, key=lambda s: (s.remaining_requests or 0, -(s.reset_requests_s or 0.0))) if req else None
+    t = min(tok, key=lambda s: (s.remaining_tokens or 0, -(s.reset_tokens_s or 0.0))) if tok else None
+    return RateLimitState(
+        r.limit_requests if r else None,
+        r.remaining_requests if r else None,
+        r.reset_requests_s if r else None,
+        t.limit_tokens if t else None,
+        t.remaining_tokens if t else None,
+        t.reset_tokens_s if t else None,
+    )

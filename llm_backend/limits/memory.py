@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from .base import (
     EPSILON,
     PARALLEL_RETRY_AFTER_S,
     KeyLimits,
+    Level,
     Limiter,
     LimitExceeded,
     LimitKind,
@@ -24,6 +25,8 @@ from .base import (
     rate_state,
     seconds_to_next_day,
     seconds_to_next_month,
+    tightest,
+    to_micros,
     usage_report,
     utc_day,
     utc_month,
@@ -43,6 +46,8 @@ class _KeyState:
     day_used: int = 0
     month: int = -1
     month_used: int = 0
+    day_cost: int = 0  # millionths of the currency unit, like month_cost
+    month_cost: int = 0
     seeded_day: int = -1  # the day (month) whose budget counter has been seeded from the request log
     seeded_month: int = -1
 
@@ -57,9 +62,9 @@ def _roll(st: _KeyState, now: float) -> None:
     """Start a new budget day (month) when `now` is past the one the state counts."""
     day, month = utc_day(now), utc_month(now)
     if st.day != day:
-        st.day, st.day_used = day, 0
+        st.day, st.day_used, st.day_cost = day, 0, 0
     if st.month != month:
-        st.month, st.month_used = month, 0
+        st.month, st.month_used, st.month_cost = month, 0, 0
 
 
 class InMemoryLimiter(Limiter):
@@ -105,18 +110,12 @@ class InMemoryLimiter(Limiter):
                     del st.in_flight[rid]
         return st
 
-    async def acquire(self, key_id: str, limits: KeyLimits, reserve_tokens: int) -> Reservation:
-        reserve = max(0, int(reserve_tokens))
-        now = self._clock()
-        st = self._refresh(key_id, limits, now)
+    def _check(
+        self, level: Level, st: _KeyState, reserve: int, cost: int, now: float
+    ) -> tuple[float, LimitKind, int, float, int] | None:
+        """The limit of one level the request would exceed with the longest wait, or None."""
+        limits = level.limits
         w = self.window_s
-        if self.seed_budgets and (
-            (limits.daily_tokens is not None and st.seeded_day != st.day)
-            or (limits.monthly_tokens is not None and st.seeded_month != st.month)
-        ):
-            raise SeedNeeded(key_id, st.day, st.month)
-
-        # Every limit that would be exceeded; the one with the longest wait is reported.
         worst: tuple[float, LimitKind, int, float, int] | None = None
 
         def consider(retry: float, kind: LimitKind, limit: int, used: float, requested: int) -> None:
@@ -140,92 +139,144 @@ class InMemoryLimiter(Limiter):
                 consider(retry, "tokens", limits.tpm, st.tokens_level, reserve)
         if limits.max_parallel is not None and len(st.in_flight) >= limits.max_parallel:
             consider(PARALLEL_RETRY_AFTER_S, "parallel", limits.max_parallel, len(st.in_flight), 1)
-        if limits.daily_tokens is not None and (
-            limits.daily_tokens <= 0 or st.day_used + min(reserve, limits.daily_tokens) > limits.daily_tokens
+        for kind, limit, used, amount, reset in (
+            ("daily_budget", limits.daily_tokens, st.day_used, reserve, seconds_to_next_day),
+            ("monthly_budget", limits.monthly_tokens, st.month_used, reserve, seconds_to_next_month),
+            ("daily_spend", to_micros(limits.daily_spend), st.day_cost, cost, seconds_to_next_day),
+            ("monthly_spend", to_micros(limits.monthly_spend), st.month_cost, cost, seconds_to_next_month),
         ):
-            consider(seconds_to_next_day(now), "daily_budget", limits.daily_tokens, st.day_used, reserve)
-        if limits.monthly_tokens is not None and (
-            limits.monthly_tokens <= 0
-            or st.month_used + min(reserve, limits.monthly_tokens) > limits.monthly_tokens
-        ):
-            consider(
-                seconds_to_next_month(now), "monthly_budget", limits.monthly_tokens, st.month_used, reserve
-            )
+            if limit is not None and (limit <= 0 or used + min(amount, limit) > limit):
+                consider(reset(now), kind, limit, used, amount)  # type: ignore[arg-type]
+        return worst
 
+    async def acquire_levels(
+        self, levels: Sequence[Level], reserve_tokens: int, reserve_cost: int = 0
+    ) -> Reservation:
+        reserve = max(0, int(reserve_tokens))
+        cost = max(0, int(reserve_cost))
+        now = self._clock()
+        w = self.window_s
+        states = [self._refresh(level.counter, level.limits, now) for level in levels]
+        if self.seed_budgets:
+            for level, st in zip(levels, states, strict=True):
+                limits = level.limits
+                days = limits.daily_tokens is not None or limits.daily_spend is not None
+                months = limits.monthly_tokens is not None or limits.monthly_spend is not None
+                if (days and st.seeded_day != st.day) or (months and st.seeded_month != st.month):
+                    raise SeedNeeded(level.counter, st.day, st.month, level)
+
+        # Every limit of every level that would be exceeded; the one with the longest wait is reported.
+        worst: tuple[float, LimitKind, int, float, int] | None = None
+        refused: int | None = None
+        for i, (level, st) in enumerate(zip(levels, states, strict=True)):
+            found = self._check(level, st, reserve, cost, now)
+            if found is not None and (worst is None or found[0] > worst[0]):
+                worst, refused = found, i
         if worst is not None:
+            assert refused is not None
             retry, kind, limit, used, requested = worst
-            state = rate_state(limits, st.requests_level, st.tokens_level, w)
-            raise LimitExceeded(kind, retry, state, limit=limit, used=used, requested=requested)
+            st = states[refused]
+            level = levels[refused]
+            state = rate_state(level.limits, st.requests_level, st.tokens_level, w)
+            raise LimitExceeded(kind, retry, state, limit=limit, used=used, requested=requested, level=level)
 
         rid = secrets.token_hex(8)
-        if limits.rpm is not None:
-            st.requests_level += 1
-        if limits.tpm is not None:
-            st.tokens_level += reserve
-        st.in_flight[rid] = now + self.lease_s
-        st.day_used += reserve
-        st.month_used += reserve
+        for level, st in zip(levels, states, strict=True):
+            if level.limits.rpm is not None:
+                st.requests_level += 1
+            if level.limits.tpm is not None:
+                st.tokens_level += reserve
+            st.in_flight[rid] = now + self.lease_s
+            st.day_used += reserve
+            st.month_used += reserve
+            st.day_cost += cost
+            st.month_cost += cost
+        first = states[0]
         reservation = Reservation(
-            key_id=key_id,
+            key_id=levels[0].counter,
             tokens=reserve,
-            state=rate_state(limits, st.requests_level, st.tokens_level, w),
-            limits=limits,
+            state=tightest(
+                [
+                    rate_state(lv.limits, st.requests_level, st.tokens_level, w)
+                    for lv, st in zip(levels, states, strict=True)
+                ]
+            ),
+            limits=levels[0].limits,
+            levels=tuple(levels),
+            cost=cost,
             id=rid,
             acquired_at=now,
-            day=st.day,
-            month=st.month,
-            parallel_slot=limits.max_parallel is not None,
+            day=first.day,
+            month=first.month,
+            parallel_slot=any(lv.limits.max_parallel is not None for lv in levels),
         )
         self._live[rid] = reservation
         return reservation
 
-    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:
+    async def seed_level(
+        self,
+        level: Level,
+        day: int,
+        day_tokens: int,
+        month: int,
+        month_tokens: int,
+        day_cost: int = 0,
+        month_cost: int = 0,
+    ) -> None:
         now = self._clock()
-        st = self._keys.get(key_id)
+        st = self._keys.get(level.counter)
         if st is None:
-            st = self._keys[key_id] = _KeyState(requests_ts=now, tokens_ts=now)
+            st = self._keys[level.counter] = _KeyState(requests_ts=now, tokens_ts=now)
         _roll(st, now)
         if st.day == day and st.seeded_day != day:
             st.day_used = max(st.day_used, int(day_tokens))
+            st.day_cost = max(st.day_cost, int(day_cost))
             st.seeded_day = day
         if st.month == month and st.seeded_month != month:
             st.month_used = max(st.month_used, int(month_tokens))
+            st.month_cost = max(st.month_cost, int(month_cost))
             st.seeded_month = month
 
-    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, actual_cost: int | None = None
+    ) -> None:
         if reservation.settled or reservation.degraded:
             reservation.settled = True
             return
         reservation.settled = True
-        st = self._keys.get(reservation.key_id)
-        if st is None:
-            return
         self._live.pop(reservation.id, None)
-        st.in_flight.pop(reservation.id, None)
+        levels = reservation.levels or (Level("key", reservation.key_id, reservation.limits),)
         delta = max(0, int(actual_tokens)) - reservation.tokens
-        if delta == 0:
-            return
+        cost_delta = 0 if actual_cost is None else max(0, int(actual_cost)) - reservation.cost
         now = self._clock()
-        tpm = reservation.limits.tpm
-        if tpm is not None and tpm > 0:
-            st.tokens_level = _drain(st.tokens_level, st.tokens_ts, tpm, now, self.window_s)
-            st.tokens_ts = max(st.tokens_ts, now)
-            if delta > 0:
-                st.tokens_level += delta
-            else:
-                # Refund only what of the reservation has not leaked out of the bucket yet.
-                leaked = max(0.0, now - reservation.acquired_at) * tpm / self.window_s
-                refund = min(-delta, max(0.0, reservation.tokens - leaked))
-                st.tokens_level = max(0.0, st.tokens_level - refund)
-        # A reservation booked on a day (month) that is over stays on that day (month).
-        if st.day == reservation.day:
-            st.day_used = max(0, st.day_used + delta)
-        if st.month == reservation.month:
-            st.month_used = max(0, st.month_used + delta)
+        for level in levels:
+            st = self._keys.get(level.counter)
+            if st is None:
+                continue
+            st.in_flight.pop(reservation.id, None)
+            tpm = level.limits.tpm
+            if delta != 0 and tpm is not None and tpm > 0:
+                st.tokens_level = _drain(st.tokens_level, st.tokens_ts, tpm, now, self.window_s)
+                st.tokens_ts = max(st.tokens_ts, now)
+                if delta > 0:
+                    st.tokens_level += delta
+                else:
+                    # Refund only what of the reservation has not leaked out of the bucket yet.
+                    leaked = max(0.0, now - reservation.acquired_at) * tpm / self.window_s
+                    refund = min(-delta, max(0.0, reservation.tokens - leaked))
+                    st.tokens_level = max(0.0, st.tokens_level - refund)
+            # A reservation booked on a day (month) that is over stays on that day (month).
+            if st.day == reservation.day:
+                st.day_used = max(0, st.day_used + delta)
+                st.day_cost = max(0, st.day_cost + cost_delta)
+            if st.month == reservation.month:
+                st.month_used = max(0, st.month_used + delta)
+                st.month_cost = max(0, st.month_cost + cost_delta)
 
-    async def usage(self, key_id: str, limits: KeyLimits) -> dict[str, Any]:
+    async def usage_level(self, level: Level) -> dict[str, Any]:
         now = self._clock()
-        st = self._refresh(key_id, limits, now)
+        limits = level.limits
+        st = self._refresh(level.counter, limits, now)
         return usage_report(
             limits,
             requests_level=st.requests_level,
@@ -235,4 +286,6 @@ class InMemoryLimiter(Limiter):
             month_used=st.month_used,
             now=now,
             window_s=self.window_s,
+            day_cost=st.day_cost,
+            month_cost=st.month_cost,
         )

@@ -11,6 +11,7 @@ import secrets
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,7 +26,7 @@ from .base import (
     DEFAULT_RATE_WINDOW_S,
     EPSILON,
     PARALLEL_RETRY_AFTER_S,
-    KeyLimits,
+    Level,
     Limiter,
     LimiterUnavailable,
     LimitExceeded,
@@ -33,6 +34,8 @@ from .base import (
     Reservation,
     SeedNeeded,
     rate_state,
+    tightest,
+    to_micros,
     usage_report,
 )
 
@@ -84,109 +87,156 @@ local function num(x)
 end
 """.replace("$EPS", repr(EPSILON))
 
-# KEYS: state hash, in-flight sorted set. ARGV: time offset, window, rpm, tpm, max_parallel, daily, monthly,
-# reserve, reservation id, lease seconds, seed budgets (1/0) (-1 = no limit).
+# KEYS: per level its state hash and its in-flight sorted set (s1, p1, s2, p2, ...). ARGV: time offset, window,
+# reserve, reservation id, lease seconds, seed budgets (1/0), reserved cost (millionths), number of levels,
+# then per level: rpm, tpm, max_parallel, daily tokens, monthly tokens, daily spend, monthly spend (in
+# millionths; -1 = no limit).
 # Hash fields: rl/rt requests bucket level and time, tl/tt tokens bucket, d/du UTC day and its tokens,
-# m/mu UTC month and its tokens, sd/sm the day and month whose counters were seeded from the request log.
-# The sorted set holds every in-flight reservation id scored by its lease expiry.
+# m/mu UTC month and its tokens, dc/mc the day's and the month's cost (millionths), sd/sm the day and month
+# whose counters were seeded from the request log. Each sorted set holds every in-flight reservation id of
+# its level scored by its lease expiry.
+# All levels are checked first and written only if every one admits: one script, so no other acquire can
+# come in between and no level overshoots.
 _ACQUIRE = (
     _PRELUDE
     + """
 local now = clock(tonumber(ARGV[1]))
 local window = tonumber(ARGV[2])
-local rpm, tpm, maxpar = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local daily, monthly, reserve = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu', 'sd', 'sm')
+local reserve, rid, lease = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local cost, n = tonumber(ARGV[7]), tonumber(ARGV[8])
 local day = math.floor(now / 86400)
 local month = month_of_day(day)
-if ARGV[11] == '1' and ((daily >= 0 and tonumber(h[9]) ~= day) or (monthly >= 0 and tonumber(h[10]) ~= month)) then
-  return cjson.encode({ok = false, seed = true, day = day, month = month})
+local st = {}
+for i = 1, n do
+  local b = 8 + (i - 1) * 7
+  local L = {rpm = tonumber(ARGV[b + 1]), tpm = tonumber(ARGV[b + 2]), maxpar = tonumber(ARGV[b + 3]),
+             daily = tonumber(ARGV[b + 4]), monthly = tonumber(ARGV[b + 5]),
+             dspend = tonumber(ARGV[b + 6]), mspend = tonumber(ARGV[b + 7])}
+  local h = redis.call('HMGET', KEYS[2 * i - 1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu', 'sd', 'sm', 'dc', 'mc')
+  if ARGV[6] == '1' and (((L.daily >= 0 or L.dspend >= 0) and tonumber(h[9]) ~= day)
+                         or ((L.monthly >= 0 or L.mspend >= 0) and tonumber(h[10]) ~= month)) then
+    return cjson.encode({ok = false, seed = true, level = i, day = day, month = month})
+  end
+  L.rl = drain(h[1], h[2], L.rpm, now, window)
+  L.tl = drain(h[3], h[4], L.tpm, now, window)
+  L.du, L.mu, L.dc, L.mc = 0, 0, 0, 0
+  if tonumber(h[5]) == day then L.du = tonumber(h[6]) or 0; L.dc = tonumber(h[11]) or 0 end
+  if tonumber(h[7]) == month then L.mu = tonumber(h[8]) or 0; L.mc = tonumber(h[12]) or 0 end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', now)
+  L.inflight = 0
+  if L.maxpar >= 0 then L.inflight = redis.call('ZCARD', KEYS[2 * i]) end
+  st[i] = L
 end
-local rl = drain(h[1], h[2], rpm, now, window)
-local tl = drain(h[3], h[4], tpm, now, window)
-local du, mu = 0, 0
-if tonumber(h[5]) == day then du = tonumber(h[6]) or 0 end
-if tonumber(h[7]) == month then mu = tonumber(h[8]) or 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local inflight = 0
-if maxpar >= 0 then inflight = redis.call('ZCARD', KEYS[2]) end
 
 local v = nil
-local function consider(retry, kind, limit, used, requested)
-  if v == nil or retry > v[1] then v = {retry, kind, limit, used, requested} end
+local function consider(retry, kind, limit, used, requested, i)
+  if v == nil or retry > v[1] then v = {retry, kind, limit, used, requested, i} end
 end
-if rpm >= 0 then
-  if rpm == 0 then consider(window, 'requests', rpm, rl, 1)
-  elseif rl + 1 > rpm + EPS then consider((rl + 1 - rpm) * window / rpm, 'requests', rpm, rl, 1) end
+local function budget(limit, used, amount, reset, kind, i)
+  if limit >= 0 and (limit == 0 or used + math.min(amount, limit) > limit) then
+    consider(reset, kind, limit, used, amount, i)
+  end
 end
-if tpm >= 0 then
-  local need = math.min(reserve, tpm)
-  if tpm == 0 then consider(window, 'tokens', tpm, tl, reserve)
-  elseif tl + need > tpm + EPS then consider((tl + need - tpm) * window / tpm, 'tokens', tpm, tl, reserve) end
+for i = 1, n do
+  local L = st[i]
+  if L.rpm >= 0 then
+    if L.rpm == 0 then consider(window, 'requests', L.rpm, L.rl, 1, i)
+    elseif L.rl + 1 > L.rpm + EPS then consider((L.rl + 1 - L.rpm) * window / L.rpm, 'requests', L.rpm, L.rl, 1, i) end
+  end
+  if L.tpm >= 0 then
+    local need = math.min(reserve, L.tpm)
+    if L.tpm == 0 then consider(window, 'tokens', L.tpm, L.tl, reserve, i)
+    elseif L.tl + need > L.tpm + EPS then
+      consider((L.tl + need - L.tpm) * window / L.tpm, 'tokens', L.tpm, L.tl, reserve, i)
+    end
+  end
+  if L.maxpar >= 0 and L.inflight >= L.maxpar then
+    consider($PARALLEL_RETRY, 'parallel', L.maxpar, L.inflight, 1, i)
+  end
+  local to_day, to_month = (day + 1) * 86400 - now, month_start(month + 1) - now
+  budget(L.daily, L.du, reserve, to_day, 'daily_budget', i)
+  budget(L.monthly, L.mu, reserve, to_month, 'monthly_budget', i)
+  budget(L.dspend, L.dc, cost, to_day, 'daily_spend', i)
+  budget(L.mspend, L.mc, cost, to_month, 'monthly_spend', i)
 end
-if maxpar >= 0 and inflight >= maxpar then
-  consider($PARALLEL_RETRY, 'parallel', maxpar, inflight, 1)
-end
-if daily >= 0 and (daily == 0 or du + math.min(reserve, daily) > daily) then
-  consider((day + 1) * 86400 - now, 'daily_budget', daily, du, reserve)
-end
-if monthly >= 0 and (monthly == 0 or mu + math.min(reserve, monthly) > monthly) then
-  consider(month_start(month + 1) - now, 'monthly_budget', monthly, mu, reserve)
-end
+local rls, tls = {}, {}
 if v ~= nil then
+  for i = 1, n do rls[i] = st[i].rl; tls[i] = st[i].tl end
   return cjson.encode({ok = false, retry = v[1], kind = v[2], limit = v[3], used = v[4], requested = v[5],
-                       rl = rl, tl = tl})
+                       level = v[6], rl = rls, tl = tls})
 end
 
-if rpm >= 0 then rl = rl + 1 end
-if tpm >= 0 then tl = tl + reserve end
-du = du + reserve
-mu = mu + reserve
-redis.call('HSET', KEYS[1], 'rl', num(rl), 'rt', num(now), 'tl', num(tl), 'tt', num(now),
-           'd', day, 'du', du, 'm', month, 'mu', mu)
 -- Long enough for the month's counter and for settling a request that started just before the month ended.
-redis.call('EXPIRE', KEYS[1], math.ceil(month_start(month + 1) - now + math.max(window, tonumber(ARGV[10]))))
-local lease = tonumber(ARGV[10])
-redis.call('ZADD', KEYS[2], now + lease, ARGV[9])
-redis.call('EXPIRE', KEYS[2], math.ceil(lease) + 1)
-return cjson.encode({ok = true, rl = rl, tl = tl, now = now, day = day, month = month})
+local ttl = math.ceil(month_start(month + 1) - now + math.max(window, lease))
+for i = 1, n do
+  local L = st[i]
+  if L.rpm >= 0 then L.rl = L.rl + 1 end
+  if L.tpm >= 0 then L.tl = L.tl + reserve end
+  rls[i], tls[i] = L.rl, L.tl
+  redis.call('HSET', KEYS[2 * i - 1], 'rl', num(L.rl), 'rt', num(now), 'tl', num(L.tl), 'tt', num(now),
+             'd', day, 'du', num(L.du + reserve), 'm', month, 'mu', num(L.mu + reserve),
+             'dc', num(L.dc + cost), 'mc', num(L.mc + cost))
+  redis.call('EXPIRE', KEYS[2 * i - 1], ttl)
+  redis.call('ZADD', KEYS[2 * i], now + lease, rid)
+  redis.call('EXPIRE', KEYS[2 * i], math.ceil(lease) + 1)
+end
+return cjson.encode({ok = true, rl = rls, tl = tls, now = now, day = day, month = month})
 """.replace("$PARALLEL_RETRY", repr(PARALLEL_RETRY_AFTER_S))
 )
 
-# KEYS: state hash, in-flight sorted set. ARGV: time offset, window, tpm (-1 = none), reservation id,
-# (unused), reserved tokens, actual tokens, acquired at, day, month.
-# Idempotent: the reservation's lease is removed first, and only the call that removed it applies the
-# usage. A retried settle whose first attempt did land (its reply was lost) changes nothing; neither does a
-# settle after the lease expired (the reservation then stays booked as reserved: never under-counted).
+# KEYS: per level its state hash and in-flight sorted set, as for acquire. ARGV: time offset, window,
+# reservation id, reserved tokens, actual tokens, acquired at, day, month, reserved cost, actual cost,
+# number of levels, then per level its tpm (-1 = none).
+# Idempotent per level: the reservation's lease is removed first, and only the call that removed it applies
+# the usage to that level. A retried settle whose first attempt did land (its reply was lost) changes
+# nothing; neither does a settle after a lease expired (that level then stays booked as reserved: never
+# under-counted).
 _SETTLE = (
     _PRELUDE
     + """
 local now = clock(tonumber(ARGV[1]))
-local window, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('ZREM', KEYS[2], ARGV[4]) == 0 then return 0 end
-local reserved, actual = tonumber(ARGV[6]), tonumber(ARGV[7])
+local window = tonumber(ARGV[2])
+local reserved, actual = tonumber(ARGV[4]), tonumber(ARGV[5])
 local delta = actual - reserved
-if delta == 0 then return 0 end
-local h = redis.call('HMGET', KEYS[1], 'tl', 'tt', 'd', 'du', 'm', 'mu')
--- Only fields that exist are written, so a settle never recreates an expired hash without its TTL.
-if tpm > 0 and h[1] then
-  local tl = drain(h[1], h[2], tpm, now, window)
-  if delta > 0 then
-    tl = tl + delta
-  else
-    local leaked = math.max(0, now - tonumber(ARGV[8])) * tpm / window
-    local refund = math.min(-delta, math.max(0, reserved - leaked))
-    tl = math.max(0, tl - refund)
+local cdelta = tonumber(ARGV[10]) - tonumber(ARGV[9])
+local n = tonumber(ARGV[11])
+local applied = 0
+for i = 1, n do
+  local s = KEYS[2 * i - 1]
+  if redis.call('ZREM', KEYS[2 * i], ARGV[3]) == 1 then
+    applied = applied + 1
+    if delta ~= 0 or cdelta ~= 0 then
+      local tpm = tonumber(ARGV[11 + i])
+      local h = redis.call('HMGET', s, 'tl', 'tt', 'd', 'du', 'm', 'mu', 'dc', 'mc')
+      -- Only fields that exist are written, so a settle never recreates an expired hash without its TTL.
+      if delta ~= 0 and tpm > 0 and h[1] then
+        local tl = drain(h[1], h[2], tpm, now, window)
+        if delta > 0 then
+          tl = tl + delta
+        else
+          local leaked = math.max(0, now - tonumber(ARGV[6])) * tpm / window
+          local refund = math.min(-delta, math.max(0, reserved - leaked))
+          tl = math.max(0, tl - refund)
+        end
+        redis.call('HSET', s, 'tl', num(tl), 'tt', num(now))
+      end
+      if h[3] == ARGV[7] then
+        redis.call('HSET', s, 'du', num(math.max(0, (tonumber(h[4]) or 0) + delta)),
+                   'dc', num(math.max(0, (tonumber(h[7]) or 0) + cdelta)))
+      end
+      if h[5] == ARGV[8] then
+        redis.call('HSET', s, 'mu', num(math.max(0, (tonumber(h[6]) or 0) + delta)),
+                   'mc', num(math.max(0, (tonumber(h[8]) or 0) + cdelta)))
+      end
+    end
   end
-  redis.call('HSET', KEYS[1], 'tl', num(tl), 'tt', num(now))
 end
-if h[3] == ARGV[9] then redis.call('HSET', KEYS[1], 'du', math.max(0, (tonumber(h[4]) or 0) + delta)) end
-if h[5] == ARGV[10] then redis.call('HSET', KEYS[1], 'mu', math.max(0, (tonumber(h[6]) or 0) + delta)) end
-return 1
+return applied
 """
 )
 
-# KEYS: state hash. ARGV: time offset, day, day tokens, month, month tokens, lease seconds, window.
+# KEYS: state hash. ARGV: time offset, day, day tokens, month, month tokens, lease seconds, window, day cost,
+# month cost (millionths).
 # Seeds the budget counters of the current day/month once (sd/sm mark it): a counter keeps the larger of
 # what it holds and the request log's total. A seed for a day or month that is over is ignored.
 _SEED = (
@@ -195,16 +245,18 @@ _SEED = (
 local now = clock(tonumber(ARGV[1]))
 local day = math.floor(now / 86400)
 local month = month_of_day(day)
-local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu', 'sd', 'sm')
+local h = redis.call('HMGET', KEYS[1], 'd', 'du', 'm', 'mu', 'sd', 'sm', 'dc', 'mc')
 if tonumber(ARGV[2]) == day and tonumber(h[5]) ~= day then
-  local du = 0
-  if tonumber(h[1]) == day then du = tonumber(h[2]) or 0 end
-  redis.call('HSET', KEYS[1], 'd', day, 'du', math.max(du, tonumber(ARGV[3])), 'sd', day)
+  local du, dc = 0, 0
+  if tonumber(h[1]) == day then du = tonumber(h[2]) or 0; dc = tonumber(h[7]) or 0 end
+  redis.call('HSET', KEYS[1], 'd', day, 'du', num(math.max(du, tonumber(ARGV[3]))),
+             'dc', num(math.max(dc, tonumber(ARGV[8]))), 'sd', day)
 end
 if tonumber(ARGV[4]) == month and tonumber(h[6]) ~= month then
-  local mu = 0
-  if tonumber(h[3]) == month then mu = tonumber(h[4]) or 0 end
-  redis.call('HSET', KEYS[1], 'm', month, 'mu', math.max(mu, tonumber(ARGV[5])), 'sm', month)
+  local mu, mc = 0, 0
+  if tonumber(h[3]) == month then mu = tonumber(h[4]) or 0; mc = tonumber(h[8]) or 0 end
+  redis.call('HSET', KEYS[1], 'm', month, 'mu', num(math.max(mu, tonumber(ARGV[5]))),
+             'mc', num(math.max(mc, tonumber(ARGV[9]))), 'sm', month)
 end
 redis.call('EXPIRE', KEYS[1], math.ceil(month_start(month + 1) - now + math.max(tonumber(ARGV[7]), tonumber(ARGV[6]))))
 return 1
@@ -233,15 +285,15 @@ _USAGE = (
     + """
 local now = clock(tonumber(ARGV[1]))
 local window, rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu')
+local h = redis.call('HMGET', KEYS[1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu', 'dc', 'mc')
 local day = math.floor(now / 86400)
 local month = month_of_day(day)
-local du, mu = 0, 0
-if tonumber(h[5]) == day then du = tonumber(h[6]) or 0 end
-if tonumber(h[7]) == month then mu = tonumber(h[8]) or 0 end
+local du, mu, dc, mc = 0, 0, 0, 0
+if tonumber(h[5]) == day then du = tonumber(h[6]) or 0; dc = tonumber(h[9]) or 0 end
+if tonumber(h[7]) == month then mu = tonumber(h[8]) or 0; mc = tonumber(h[10]) or 0 end
 return cjson.encode({rl = drain(h[1], h[2], rpm, now, window), tl = drain(h[3], h[4], tpm, now, window),
                      inflight = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'),
-                     du = du, mu = mu, now = now, day = day, month = month})
+                     du = du, mu = mu, dc = dc, mc = mc, now = now, day = day, month = month})
 """
 )
 
@@ -254,9 +306,12 @@ class RedisLimiter(Limiter):
     """Limits kept in Redis, shared by every worker and replica that uses the same Redis and prefix.
 
     Each acquire and each settle is one EVALSHA round-trip over a bounded connection pool (max_connections;
-    a burst waits up to pool_timeout_s for a connection). Two keys per API key, sharing a hash tag so the
-    scripts also work on Redis Cluster: a hash (buckets, day and month counters; TTL to the end of the month)
-    and a sorted set of parallel leases (TTL lease_s). Nothing outlives its window.
+    a burst waits up to pool_timeout_s for a connection), however many levels (key, user, team) the request
+    counts against. Two keys per level, sharing a hash tag: a hash (buckets, day and month counters of
+    tokens and cost; TTL to the end of the month) and a sorted set of parallel leases (TTL lease_s). Nothing
+    outlives its window. A request on one level works on Redis Cluster; one on several levels touches
+    several hash tags, which a cluster refuses unless they share a slot: use a single Redis (or a
+    replicated one) for users and teams.
 
     When Redis cannot be reached: fail_open=True lets the request through unchecked (Reservation.degraded),
     logs an error at most every log_interval_s and counts errors_total/degraded_total; fail_open=False raises
@@ -320,9 +375,8 @@ class RedisLimiter(Limiter):
         self._renew = self._client.register_script(_RENEW)
         # unsettled reservations of this process (their leases are renewed) and settles to retry
         self._live: weakref.WeakValueDictionary[str, Reservation] = weakref.WeakValueDictionary()
-        self._pending: dict[
-            str, tuple[Reservation, int, float]
-        ] = {}  # id -> (reservation, tokens, give up at)
+        # id -> (reservation, tokens, cost, give up at)
+        self._pending: dict[str, tuple[Reservation, int, int, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = (
             None  # set when a settle is queued: the loop may be in a long sleep
@@ -354,66 +408,106 @@ class RedisLimiter(Limiter):
             self._suppressed += 1
 
     def _unavailable(
-        self, key_id: str, limits: KeyLimits, reserve: int, exc: BaseException | None
+        self, levels: Sequence[Level], reserve: int, cost: int, exc: BaseException | None
     ) -> Reservation:
         self._failed("acquire", exc)
         if not self.fail_open:
             raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
         self.degraded_total += 1
+        limits = levels[0].limits
         state = RateLimitState(limit_requests=limits.rpm, limit_tokens=limits.tpm)
-        return Reservation(key_id=key_id, tokens=reserve, state=state, limits=limits, degraded=True)
+        return Reservation(
+            key_id=levels[0].counter,
+            tokens=reserve,
+            state=state,
+            limits=limits,
+            levels=tuple(levels),
+            cost=cost,
+            degraded=True,
+        )
 
-    async def acquire(self, key_id: str, limits: KeyLimits, reserve_tokens: int) -> Reservation:
+    def _level_keys(self, levels: Sequence[Level]) -> list[str]:
+        return [k for level in levels for k in self._keys(level.counter)]
+
+    async def acquire_levels(
+        self, levels: Sequence[Level], reserve_tokens: int, reserve_cost: int = 0
+    ) -> Reservation:
         reserve = max(0, int(reserve_tokens))
+        cost = max(0, int(reserve_cost))
         if time.monotonic() < self._down_until:
-            return self._unavailable(key_id, limits, reserve, None)
+            return self._unavailable(levels, reserve, cost, None)
         rid = secrets.token_hex(8)
         args: list[str | int | float] = [
             self.time_offset_s,
             self.window_s,
-            _arg(limits.rpm),
-            _arg(limits.tpm),
-            _arg(limits.max_parallel),
-            _arg(limits.daily_tokens),
-            _arg(limits.monthly_tokens),
             reserve,
             rid,
             self.lease_s,
             1 if self.seed_budgets else 0,
+            cost,
+            len(levels),
         ]
+        for level in levels:
+            lim = level.limits
+            args += [
+                _arg(lim.rpm),
+                _arg(lim.tpm),
+                _arg(lim.max_parallel),
+                _arg(lim.daily_tokens),
+                _arg(lim.monthly_tokens),
+                _arg(to_micros(lim.daily_spend)),
+                _arg(to_micros(lim.monthly_spend)),
+            ]
         try:
-            raw = await self._eval(self._acquire, self._keys(key_id), args)
+            raw = await self._eval(self._acquire, self._level_keys(levels), args)
         except (RedisError, OSError) as exc:
-            return self._unavailable(key_id, limits, reserve, exc)
+            return self._unavailable(levels, reserve, cost, exc)
         r = json.loads(raw)
         if r.get("seed"):
-            raise SeedNeeded(key_id, int(r["day"]), int(r["month"]))
-        state = rate_state(limits, float(r["rl"]), float(r["tl"]), self.window_s)
+            level = levels[int(r["level"]) - 1]
+            raise SeedNeeded(level.counter, int(r["day"]), int(r["month"]), level)
+        states = [
+            rate_state(level.limits, float(rl), float(tl), self.window_s)
+            for level, rl, tl in zip(levels, r["rl"], r["tl"], strict=True)
+        ]
         if not r["ok"]:
+            i = int(r["level"]) - 1
             raise LimitExceeded(
                 r["kind"],
                 float(r["retry"]),
-                state,
+                states[i],
                 limit=int(r["limit"]),
                 used=float(r["used"]),
                 requested=int(r["requested"]),
+                level=levels[i],
             )
         reservation = Reservation(
-            key_id=key_id,
+            key_id=levels[0].counter,
             tokens=reserve,
-            state=state,
-            limits=limits,
+            state=tightest(states),
+            limits=levels[0].limits,
+            levels=tuple(levels),
+            cost=cost,
             id=rid,
             acquired_at=float(r["now"]),
             day=int(r["day"]),
             month=int(r["month"]),
-            parallel_slot=limits.max_parallel is not None,
+            parallel_slot=any(level.limits.max_parallel is not None for level in levels),
         )
         self._live[rid] = reservation
         self._start_background()
         return reservation
 
-    async def seed(self, key_id: str, day: int, day_tokens: int, month: int, month_tokens: int) -> None:
+    async def seed_level(
+        self,
+        level: Level,
+        day: int,
+        day_tokens: int,
+        month: int,
+        month_tokens: int,
+        day_cost: int = 0,
+        month_cost: int = 0,
+    ) -> None:
         args = [
             self.time_offset_s,
             day,
@@ -422,14 +516,18 @@ class RedisLimiter(Limiter):
             int(month_tokens),
             self.lease_s,
             self.window_s,
+            int(day_cost),
+            int(month_cost),
         ]
         try:
-            await self._eval(self._seed, self._keys(key_id)[:1], args)
+            await self._eval(self._seed, self._keys(level.counter)[:1], args)
         except (RedisError, OSError) as exc:
             self._failed("seed", exc)
             raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
 
-    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, actual_cost: int | None = None
+    ) -> None:
         """Never raises for an unreachable Redis: the settle is then retried in the background until it
         lands (or the reservation's lease has run out, when it stays charged as reserved)."""
         if reservation.settled or reservation.degraded:
@@ -438,28 +536,37 @@ class RedisLimiter(Limiter):
         reservation.settled = True
         self._live.pop(reservation.id, None)
         actual = max(0, int(actual_tokens))
-        if not await self._settle_once(reservation, actual):
+        cost = reservation.cost if actual_cost is None else max(0, int(actual_cost))
+        if not await self._settle_once(reservation, actual, cost):
             self.settle_retries_total += 1
-            self._pending[reservation.id] = (reservation, actual, time.monotonic() + self.lease_s)
+            self._pending[reservation.id] = (reservation, actual, cost, time.monotonic() + self.lease_s)
             self._start_background()
             if self._wake is not None:
                 self._wake.set()
 
-    async def _settle_once(self, reservation: Reservation, actual: int) -> bool:
+    def _levels_of(self, reservation: Reservation) -> tuple[Level, ...]:
+        return reservation.levels or (Level("key", reservation.key_id, reservation.limits),)
+
+    async def _settle_once(self, reservation: Reservation, actual: int, cost: int | None = None) -> bool:
+        levels = self._levels_of(reservation)
+        if cost is None:
+            cost = reservation.cost
         args: list[str | int | float] = [
             self.time_offset_s,
             self.window_s,
-            _arg(reservation.limits.tpm),
             reservation.id,
-            1 if reservation.parallel_slot else 0,
             reservation.tokens,
             actual,
             repr(reservation.acquired_at),
             reservation.day,
             reservation.month,
+            reservation.cost,
+            cost,
+            len(levels),
+            *(_arg(level.limits.tpm) for level in levels),
         ]
         try:
-            await self._eval(self._settle, self._keys(reservation.key_id), args)
+            await self._eval(self._settle, self._level_keys(levels), args)
         except (RedisError, OSError) as exc:
             self._failed("settle", exc)
             return False
@@ -507,11 +614,11 @@ class RedisLimiter(Limiter):
 
     async def _retry_pending(self) -> None:
         now = time.monotonic()
-        for rid, (reservation, actual, give_up) in list(self._pending.items()):
+        for rid, (reservation, actual, cost, give_up) in list(self._pending.items()):
             if give_up <= now:
                 del self._pending[rid]  # its lease is gone: the reservation stays booked as reserved
                 continue
-            if not await self._settle_once(reservation, actual):
+            if not await self._settle_once(reservation, actual, cost):
                 return  # Redis is still away: try again after the back-off
             del self._pending[rid]
 
@@ -519,18 +626,20 @@ class RedisLimiter(Limiter):
         by_key: dict[str, list[str]] = defaultdict(list)
         for rid, reservation in list(self._live.items()):
             if not reservation.settled:
-                by_key[reservation.key_id].append(rid)
-        for key_id, ids in by_key.items():
+                for level in self._levels_of(reservation):
+                    by_key[level.counter].append(rid)
+        for counter, ids in by_key.items():
             try:
-                await self._renew(keys=self._keys(key_id)[1:], args=[self.time_offset_s, self.lease_s, *ids])
+                await self._renew(keys=self._keys(counter)[1:], args=[self.time_offset_s, self.lease_s, *ids])
             except (RedisError, OSError) as exc:
                 self._failed("lease renewal", exc)
                 return
 
-    async def usage(self, key_id: str, limits: KeyLimits) -> dict[str, Any]:
+    async def usage_level(self, level: Level) -> dict[str, Any]:
+        limits = level.limits
         args = [self.time_offset_s, self.window_s, _arg(limits.rpm), _arg(limits.tpm)]
         try:
-            raw = await self._usage(keys=self._keys(key_id), args=args)
+            raw = await self._usage(keys=self._keys(level.counter), args=args)
         except (RedisError, OSError) as exc:
             self._failed("usage", exc)
             raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
@@ -544,6 +653,8 @@ class RedisLimiter(Limiter):
             month_used=int(r["mu"]),
             now=float(r["now"]),
             window_s=self.window_s,
+            day_cost=int(r.get("dc") or 0),
+            month_cost=int(r.get("mc") or 0),
         )
 
     async def close(self) -> None:

@@ -55,6 +55,8 @@ class RequestRecord:
     ttft_ms: float | None = None  # time to first token (streams)
     key_id: str | None = None
     user: str | None = None  # the signed-in caller's subject, else the request body's "user" field
+    user_id: str | None = None  # the user the request counted for (users.id)
+    team_id: str | None = None  # the team it counted for (teams.id)
     client_ip: str | None = None
     conversation_id: str | None = None  # explicit X-Conversation-Id, or resolved by threading
     external_conversation_id: str | None = None  # the client's own chat id (e.g. X-OpenWebUI-Chat-Id)

@@ -105,6 +105,8 @@ def record_to_row(record: RequestRecord, conversation_id: str | None) -> dict[st
         "ttft_ms": record.ttft_ms,
         "key_id": record.key_id,
         "user": record.user,
+        "user_id": record.user_id,
+        "team_id": record.team_id,
         "client_ip": record.client_ip,
         "conversation_id": conversation_id,
         "client_request_id": record.client_request_id,

@@ -8,9 +8,12 @@ import dataclasses
 import hmac
 import logging
 import math
+import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import ROUND_CEILING
 from typing import Any
 
 from llm_backend.config import Settings
@@ -18,7 +21,9 @@ from llm_backend.db.repositories import hash_api_key
 from llm_backend.db.session import DatabaseUnavailable
 from llm_backend.errors import AuthenticationFailed, PermissionDenied, RateLimited, ServiceUnavailable
 from llm_backend.limits import (
+    MICROS,
     KeyLimits,
+    Level,
     Limiter,
     LimiterUnavailable,
     LimitExceeded,
@@ -28,9 +33,12 @@ from llm_backend.limits import (
     month_start,
 )
 from llm_backend.logthrottle import LogThrottle
+from llm_backend.recording.records import Usage
 from llm_backend.services.dbguard import DatabaseGuard
 from llm_backend.services.keys import KEY_PREFIX, KeyInfo, KeyStore
 from llm_backend.services.operations import CHAT_OP, Operation
+from llm_backend.services.org import Member, Members, OrgStore, intersect_models, trusted_issuer
+from llm_backend.services.pricing import cost_decimal
 from llm_backend.services.proxy import Caller
 from llm_backend.upstream.router import ModelRoute
 
@@ -43,6 +51,9 @@ TOUCH_EVERY = 60.0
 CACHE_MAX = 10_000  # cached keys per worker
 
 _throttle = LogThrottle(logger, 60.0)
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+#: Response header of a 429 naming the level that refused it: key, user or team.
+LEVEL_HEADER = "x-ratelimit-level"
 
 
 def database_unavailable(guard: DatabaseGuard, what: str) -> ServiceUnavailable:
@@ -79,9 +90,14 @@ class Authenticator:
         auth_required: bool,
         guard: DatabaseGuard | None = None,
         stale_s: float = 300.0,
+        members: Members | None = None,
+        user_headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.store = store
         self.admin_key = admin_key
+        self.members = members
+        # (field, lower-case header) pairs of the end user a trusted front-end names
+        self.user_headers = tuple((f, h.lower()) for f, h in user_headers)
         self.auth_required = auth_required
         self.guard = guard or DatabaseGuard(5.0)
         self.stale_s = stale_s
@@ -176,7 +192,9 @@ class Authenticator:
         except Exception as exc:
             _throttle.log("touch", logging.WARNING, "could not update the last use of a key: %s", exc)
 
-    async def __call__(self, token: str, caller: Caller) -> dict[str, Any]:
+    async def __call__(
+        self, token: str, caller: Caller, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
             caller.is_admin = True
             caller.key_id = None
@@ -204,7 +222,58 @@ class Authenticator:
         caller.limits = info.limits
         caller.log["key"] = f"{info.key_prefix}… ({info.name})"
         self._touch(info.id)
+        if info.team_id or info.user_id or headers:
+            await self._org(info, caller, headers)
         return {"sub": info.id, "name": info.name}
+
+    def trusted_user(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        """The end user a front-end names in `headers` (field -> value, printable, bounded), first header
+        of each field that is present."""
+        out: dict[str, str] = {}
+        if not headers:
+            return out
+        for field, header in self.user_headers:
+            if field in out:
+                continue
+            raw = headers.get(header)
+            if raw:
+                value = _NOT_PRINTABLE.sub("", raw).strip()[:255]
+                if value:
+                    out[field] = value
+        return out
+
+    async def _org(self, info: KeyInfo, caller: Caller, headers: Mapping[str, str] | None) -> None:
+        """Who the request counts for besides the key: the end user a trusted front-end names, else the
+        key's user; and the key's team, else that user's."""
+        named = self.trusted_user(headers)
+        members = self.members
+        member = None
+        team = None
+        try:
+            if named and not info.trusted_ui:
+                caller.log["user_headers_ignored"] = True  # only a trusted_ui key may name its user
+            elif named.get("id") and members is not None:
+                member = await members.resolve_user(
+                    subject=named["id"],
+                    issuer=trusted_issuer(info.id),
+                    email=named.get("email"),
+                    name=named.get("name"),
+                    groups=None,
+                )
+                caller.log["trusted_user"] = named["id"]
+                if "role" in named:
+                    caller.log["trusted_user_role"] = named["role"]
+            if member is None and info.user_id and members is not None:
+                member = await members.member(info.user_id)
+            if info.team_id and members is not None:
+                team = await members.team(info.team_id)
+        except DatabaseUnavailable:
+            raise database_unavailable(self.guard, "user or team") from None
+        if member is not None and not member.enabled:
+            raise PermissionDenied(
+                "The user this request is made for is disabled.", param="user", code="user_disabled"
+            )
+        apply_member(caller, member, team=team)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -212,30 +281,92 @@ class Authenticator:
                 await task
 
 
+def apply_member(
+    caller: Caller,
+    member: Member | None,
+    *,
+    team: tuple[Level, frozenset[str] | None] | None = None,
+) -> None:
+    """Make the request count for `member` (None: no user) and for `team` (a level and its allowed
+    models; None: the member's own team): the user and team it is attributed to, their limit levels
+    beside the key's, and only the models every one of them allows.
+
+    For a caller without a key (an OIDC token) call it with the member alone."""
+    levels: list[Level] = []
+    allowed = [caller.allowed_models]
+    if member is not None:
+        caller.member = member
+        caller.user_id = member.user_id
+        levels.append(member.user_level)
+        allowed.append(member.user_models)
+        if team is None and member.team_id is not None:
+            level = member.team_levels[member.team_id]
+            team = (level, member.allowed_models)  # the user's and its team's allowance
+    if team is not None:
+        caller.team_id = team[0].id
+        levels.append(team[0])
+        allowed.append(team[1])
+    caller.levels = tuple(levels)
+    caller.allowed_models = intersect_models(*allowed)
+
+
+def reserve_cost(prices: Any, tokens: int) -> int:
+    """What a request's reserved tokens may cost at most, in millionths: each token at the dearer of the
+    model's input and output prices (per million tokens, so a token costs `price` millionths)."""
+    if prices is None or tokens <= 0:
+        return 0
+    return math.ceil(tokens * max(prices.input, prices.output, prices.cached_input) - 1e-9)
+
+
+def actual_cost(prices: Any, usage: Usage | None, total_tokens: int) -> int:
+    """What a request cost, in millionths, rounded up (exact decimal arithmetic, see services.pricing)."""
+    if prices is None:
+        return 0
+    if usage is None:  # only a total is known: at the dearer price, as reserved
+        return reserve_cost(prices, total_tokens)
+    exact = cost_decimal(
+        prices,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+    )
+    return int((exact * MICROS).to_integral_value(rounding=ROUND_CEILING))
+
+
 @dataclass(slots=True)
 class _Admission:
     limiter: Limiter
     reservation: Any
     headers: dict[str, str]
+    prices: Any = None  # the model's prices: the real cost is settled on spend budgets
 
-    async def settle(self, total_tokens: int) -> None:
-        await self.limiter.settle(self.reservation, total_tokens)
+    async def settle(self, total_tokens: int, usage: Usage | None = None) -> None:
+        cost = actual_cost(self.prices, usage, total_tokens) if total_tokens > 0 else 0
+        await self.limiter.settle(self.reservation, total_tokens, cost)
+
+
+def _without_budgets(level: Level) -> Level:
+    limits = dataclasses.replace(
+        level.limits, daily_tokens=None, monthly_tokens=None, daily_spend=None, monthly_spend=None
+    )
+    return dataclasses.replace(level, limits=limits)
 
 
 class Gate:
-    """Reserves a request's tokens against its key's limits before forwarding; settled after.
+    """Reserves a request's tokens (and its estimated cost) on every level it counts against — its key,
+    its user, its team — before forwarding; settled after with the real usage and cost.
 
     Budget counters the limiter has lost (SeedNeeded: Redis restarted or flushed, a fresh worker with the
-    in-process limiter, a new day) are re-seeded from the request log before the key's next admission: one
-    query per key and window, shared by the requests that wait for it, run by the DatabaseGuard. The rule
-    against double counting: while a window is unseeded the limiter admits nothing for the key, so the
-    store's counter holds none of the requests the log will report; the seed then keeps the larger of the
-    two (see Limiter.seed), which also covers a budget added to a key in the middle of a day. Requests that
-    ended before the loss but are not yet written by the recorder (a fraction of a second of traffic) are
-    the one thing the seed cannot see.
+    in-process limiter, a new day) are re-seeded from the request log before the level's next admission:
+    one query per level and window, shared by the requests that wait for it, run by the DatabaseGuard. The
+    rule against double counting: while a window is unseeded the limiter admits nothing for the level, so
+    the store's counter holds none of the requests the log will report; the seed then keeps the larger of
+    the two (see Limiter.seed_level), which also covers a budget added in the middle of a day. Requests
+    that ended before the loss but are not yet written by the recorder (a fraction of a second of traffic)
+    are the one thing the seed cannot see.
 
     If the request log cannot be read: with LIMITER_FAIL_OPEN (the default) the request is admitted on its
-    per-minute and parallel limits, its tokens counted but its budget not checked, until a later request
+    per-minute and parallel limits, its tokens counted but its budgets not checked, until a later request
     seeds the window; with fail-closed it gets a 503.
     """
 
@@ -255,23 +386,38 @@ class Gate:
         self.fail_open = fail_open
         self._seeding: dict[tuple[str, int, int], asyncio.Task[bool]] = {}
 
+    @staticmethod
+    def levels(caller: Caller) -> list[Level]:
+        """The levels a request counts against that have any limit: its key's, then its user's and team's."""
+        levels: list[Level] = []
+        limits = caller.limits
+        if caller.key_id is not None and limits is not None and not limits.unlimited():
+            levels.append(Level("key", caller.key_id, limits, name=caller.key_name))
+        levels.extend(level for level in caller.levels if not level.limits.unlimited())
+        return levels
+
     async def __call__(
         self, caller: Caller, route: ModelRoute, body: dict[str, Any], operation: Operation = CHAT_OP
     ) -> _Admission | None:
-        limits = caller.limits
-        if caller.key_id is None or limits is None or _no_limits(limits):
+        levels = self.levels(caller)
+        if not levels:
             return None
         # the operation's own estimate (embeddings, for one, reserve only their input)
         reserve = operation.reserve(body, self.default_max_tokens)
+        prices = getattr(getattr(route, "config", None), "prices", None)
+        cost = reserve_cost(prices, reserve)
         try:
-            reservation = await self._acquire(caller.key_id, limits, reserve)
+            reservation = await self._acquire(levels, reserve, cost)
         except LimitExceeded as exc:
             retry = max(1, math.ceil(exc.retry_after))
+            kind = exc.level_kind
+            caller.log["limited_by"] = kind
             raise RateLimited(
                 exc.message,
                 code=exc.code,
-                error_type="insufficient_quota" if exc.code == "insufficient_quota" else "rate_limit_error",
-                headers={**exc.state.headers(), "Retry-After": str(retry)},
+                param=kind,
+                error_type="insufficient_quota" if exc.budget else "rate_limit_error",
+                headers={**exc.state.headers(), "Retry-After": str(retry), LEVEL_HEADER: kind},
             ) from None
         except LimiterUnavailable:
             raise ServiceUnavailable(
@@ -280,12 +426,12 @@ class Gate:
                 code="limiter_unavailable",
                 headers={"Retry-After": "1"},
             ) from None
-        return _Admission(self.limiter, reservation, reservation.headers())
+        return _Admission(self.limiter, reservation, reservation.headers(), prices)
 
-    async def _acquire(self, key_id: str, limits: KeyLimits, reserve: int) -> Reservation:
-        for _ in range(3):
+    async def _acquire(self, levels: list[Level], reserve: int, cost: int) -> Reservation:
+        for _ in range(2 + len(levels)):  # each level may need its seed once
             try:
-                return await self.limiter.acquire(key_id, limits, reserve)
+                return await self.limiter.acquire_levels(levels, reserve, cost)
             except SeedNeeded as need:
                 try:
                     seeded = await self._seed(need)
@@ -297,15 +443,14 @@ class Gate:
                     break
         if not self.fail_open:
             raise database_unavailable(self.guard, "token budget")
-        unbudgeted = dataclasses.replace(limits, daily_tokens=None, monthly_tokens=None)
-        return await self.limiter.acquire(key_id, unbudgeted, reserve)
+        return await self.limiter.acquire_levels([_without_budgets(lv) for lv in levels], reserve, cost)
 
     async def _seed(self, need: SeedNeeded) -> bool:
-        """Seed the key's budget windows once (per worker) from the request log; False if it cannot be read."""
+        """Seed a level's budget windows once (per worker) from the request log; False if it cannot be read."""
         if self.store is None:
-            await self.limiter.seed(need.key_id, need.day, 0, need.month, 0)
+            await self.limiter.seed_level(need.level, need.day, 0, need.month, 0)
             return True
-        window = (need.key_id, need.day, need.month)
+        window = (need.level.counter, need.day, need.month)
         task = self._seeding.get(window)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._load_and_seed(need))
@@ -315,22 +460,35 @@ class Gate:
 
     async def _load_and_seed(self, need: SeedNeeded) -> bool:
         assert self.store is not None
+        level = need.level
         day_start = datetime.fromtimestamp(need.day * 86400, UTC)
         first_of_month = datetime.fromtimestamp(month_start(need.month), UTC)
         try:
-            day_tokens, month_tokens = await self.guard.run(
-                "budget seeding", self.store.token_totals, need.key_id, day_start, first_of_month
+            day_tokens, month_tokens, day_cost, month_cost = await self.guard.run(
+                "budget seeding", self.store.level_totals, level.kind, level.id, day_start, first_of_month
             )
         except DatabaseUnavailable:
             return False
-        await self.limiter.seed(need.key_id, need.day, day_tokens, need.month, month_tokens)
+        await self.limiter.seed_level(
+            level,
+            need.day,
+            day_tokens,
+            need.month,
+            month_tokens,
+            math.ceil(day_cost * MICROS - 1e-6),
+            math.ceil(month_cost * MICROS - 1e-6),
+        )
         _throttle.log(
             "seeded",
             logging.INFO,
-            "budget counters of key %s seeded from the request log: %d tokens today, %d this month",
-            need.key_id,
+            "budget counters of %s %s seeded from the request log: %d tokens (cost %.6f) today, "
+            "%d (cost %.6f) this month",
+            level.kind,
+            level.id,
             day_tokens,
+            day_cost,
             month_tokens,
+            month_cost,
         )
         return True
 
@@ -338,6 +496,8 @@ class Gate:
 async def setup_access(settings: Settings, resources: Any, stack: contextlib.AsyncExitStack) -> None:
     store = KeyStore(resources.engine) if resources.engine is not None else None
     resources.key_store = store
+    org = OrgStore(resources.engine) if resources.engine is not None else None
+    resources.org = org
     keys = settings.auth == "keys"
     if not keys:
         logger.warning(
@@ -348,9 +508,19 @@ async def setup_access(settings: Settings, resources: Any, stack: contextlib.Asy
         logger.info("LLM_BACKEND_ADMIN_KEY is not set: the /admin routes are disabled")
     guard = DatabaseGuard(settings.db_statement_timeout_s)
     stack.callback(guard.close)
+    members = Members(org, guard=guard, stale_s=settings.key_cache_stale_s) if org is not None else None
+    resources.members = members
     authenticator = Authenticator(
-        store, settings.admin_key, auth_required=keys, guard=guard, stale_s=settings.key_cache_stale_s
+        store,
+        settings.admin_key,
+        auth_required=keys,
+        guard=guard,
+        stale_s=settings.key_cache_stale_s,
+        members=members,
+        user_headers=settings.trusted_user_headers,
     )
+    if org is not None:  # a team or user changed through this worker: its keys' levels are looked up again
+        org.listeners.append(authenticator.invalidate)
     stack.push_async_callback(authenticator.aclose)
     resources.authenticator = authenticator
     resources.metrics.gauge(

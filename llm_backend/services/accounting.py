@@ -30,8 +30,9 @@ class Accountant:
         # provisional records (journaled when the upstream is asked), if the sink keeps them
         self.started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
 
-    async def settle(self, flight: Flight, tokens: int) -> None:
-        """Settle the reservation with the tokens used (only the first call counts)."""
+    async def settle(self, flight: Flight, tokens: int, usage: Usage | None = None) -> None:
+        """Settle the reservation with the tokens used, and their cost from `usage` when it is known (only
+        the first call counts)."""
         if flight.settled:
             return
         flight.settled = True
@@ -39,7 +40,7 @@ class Accountant:
         if admission is None:
             return
         try:
-            await admission.settle(tokens)
+            await admission.settle(tokens, usage) if usage is not None else await admission.settle(tokens)
         except Exception:  # the answer is already decided; a limiter hiccup must not change it
             logger.exception("settling a rate-limit reservation failed")
 
@@ -50,7 +51,7 @@ class Accountant:
 
     async def finish(self, flight: Flight, usage: Usage, reply: dict[str, Any] | None) -> None:
         """A JSON answer: settle, then record."""
-        await self.settle(flight, usage.total_tokens)
+        await self.settle(flight, usage.total_tokens, usage)
         self.answered(flight, outcome=OUTCOME_OK, usage=usage, reply=reply)
 
     def stream_ended(
@@ -179,6 +180,8 @@ class Accountant:
             "key_id": caller.key_id,
             "owner": caller.owner,
             "user": user if isinstance(user, str) else None,
+            "user_id": caller.user_id,
+            "team_id": caller.team_id,
             "client_ip": caller.client_ip,
             "conversation_id": flight.conversation_id,
             "external_conversation_id": caller.external_conversation_id,

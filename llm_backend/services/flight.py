@@ -34,7 +34,7 @@ class Admission(Protocol):
 
     headers: dict[str, str]
 
-    async def settle(self, total_tokens: int) -> None: ...
+    async def settle(self, total_tokens: int, usage: Usage | None = None) -> None: ...
 
 
 Admit = Callable[..., Any]  # (caller, route, body, operation) -> Admission | None
@@ -53,6 +53,10 @@ class Caller:
     key_name: str | None = None
     is_admin: bool = False
     limits: Any = None  # llm_backend.limits.KeyLimits of the key, when it has any
+    user_id: str | None = None  # the user the request counts for (users.id)
+    team_id: str | None = None  # the team it counts for (teams.id)
+    levels: tuple[Any, ...] = ()  # llm_backend.limits.Level of the user and team, besides the key's
+    member: Any = None  # llm_backend.services.org.Member, when a user is known
     conversation_id: str | None = None
     external_conversation_id: str | None = None  # the client's chat id (CONVERSATION_ID_HEADERS), per key
     client_request_id: str | None = None  # the id the client sent for the request (ours is request_id)
@@ -62,7 +66,6 @@ class Caller:
     recorded: bool = False
     record_messages: bool = True
     identity: Any = None  # llm_backend.services.oidc.Identity of a caller signed in with an OIDC token
-    user_id: str | None = None  # the user the caller is (an OIDC token's, a key's owner)
 
     @property
     def owner(self) -> str | None:

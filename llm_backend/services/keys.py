@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from llm_backend.db.repositories import ApiKeyRepository, hash_api_key, key_token_totals
+from llm_backend.db.repositories import (
+    ApiKeyRepository,
+    TeamRepository,
+    UserRepository,
+    hash_api_key,
+    key_token_totals,
+    level_totals,
+)
 from llm_backend.db.session import session_scope
 from llm_backend.durations import parse_duration
 from llm_backend.errors import InvalidRequest, NotFound
@@ -41,6 +48,9 @@ class KeyInfo:
     limits: KeyLimits
     expires_at: datetime | None
     enabled: bool
+    team_id: str | None = None  # the team the key belongs to: its limits apply too
+    user_id: str | None = None  # the user the key belongs to: its requests count for that user
+    trusted_ui: bool = False  # may name its end user per request (TRUSTED_USER_HEADERS)
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or datetime.now(UTC))
@@ -82,6 +92,9 @@ def key_info(row: Any) -> KeyInfo:
         ),
         expires_at=_aware(row.expires_at),
         enabled=bool(row.enabled),
+        team_id=row.team_id,
+        user_id=row.user_id,
+        trusted_ui=bool(row.trusted_ui),
     )
 
 
@@ -107,13 +120,28 @@ def key_public(row: Any) -> dict[str, Any]:
         "allowed_ips": row.allowed_ips,
         "expires_at": iso(row.expires_at),
         "enabled": bool(row.enabled),
+        "team": row.team_id,
+        "user": row.user_id,
+        "trusted_ui": bool(row.trusted_ui),
         "created_at": iso(row.created_at),
         "last_used_at": iso(row.last_used_at),
     }
 
 
 _LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
-_EDITABLE = {"name", "owner", "models", "allowed_ips", "enabled", "expires_at", "expires_in", *_LIMIT_FIELDS}
+_EDITABLE = {
+    "name",
+    "owner",
+    "models",
+    "allowed_ips",
+    "enabled",
+    "expires_at",
+    "expires_in",
+    "team",
+    "user",
+    "trusted_ui",
+    *_LIMIT_FIELDS,
+}
 
 
 def clean_fields(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
@@ -164,6 +192,18 @@ def clean_fields(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
         if not isinstance(data["enabled"], bool):
             raise InvalidRequest("'enabled' must be true or false.", param="enabled")
         out["enabled"] = data["enabled"]
+    if "trusted_ui" in data:
+        if not isinstance(data["trusted_ui"], bool):
+            raise InvalidRequest("'trusted_ui' must be true or false.", param="trusted_ui")
+        out["trusted_ui"] = data["trusted_ui"]
+    for ref in ("team", "user"):  # an id or a name (an email for a user), resolved by the store
+        if ref in data:
+            value = data[ref]
+            if value is not None and (
+                not isinstance(value, str) or not value.strip() or len(value) > 320 or "\x00" in value
+            ):
+                raise InvalidRequest(f"'{ref}' must be the id or the name of a {ref}, or null.", param=ref)
+            out[f"{ref}_ref"] = value.strip() if value is not None else None
     if data.get("expires_in") is not None:
         try:
             out["expires_at"] = datetime.now(UTC) + parse_duration(str(data["expires_in"]))
@@ -196,10 +236,36 @@ class KeyStore:
         for listener in self.listeners:
             listener(key_id, info)
 
+    @staticmethod
+    def _resolve_refs(session: Any, fields: dict[str, Any]) -> None:
+        """Turn the team/user a key is given (ids or names) into ids; NotFound for one that is not there."""
+        if "team_ref" in fields:
+            ref = fields.pop("team_ref")
+            team = None
+            if ref is not None:
+                repo = TeamRepository(session)
+                team = repo.get(ref) or repo.get_by_name(ref)
+                if team is None:
+                    raise NotFound(f"No team with id or name '{ref}'.", param="team", code="team_not_found")
+            fields["team_id"] = team.id if team is not None else None
+        if "user_ref" in fields:
+            ref = fields.pop("user_ref")
+            user = None
+            if ref is not None:
+                users = UserRepository(session)
+                user = users.get(ref)
+                if user is None:
+                    found = [u for u in users.list(q=ref, limit=2) if ref in (u.email, u.subject)]
+                    user = found[0] if len(found) == 1 else None
+                if user is None:
+                    raise NotFound(f"No user with id or email '{ref}'.", param="user", code="user_not_found")
+            fields["user_id"] = user.id if user is not None else None
+
     def create(self, data: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         fields = clean_fields(data, creating=True)
         secret = generate_key()
         with session_scope(self.engine, write=True) as session:
+            self._resolve_refs(session, fields)
             row = ApiKeyRepository(session).create(
                 key_hash=hash_api_key(secret), key_prefix=display_prefix(secret), **fields
             )
@@ -219,6 +285,7 @@ class KeyStore:
     def update(self, key_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
         fields = clean_fields(data, creating=False)
         with session_scope(self.engine, write=True) as session:
+            self._resolve_refs(session, fields)
             row = ApiKeyRepository(session).update(key_id, **fields)
             if row is None:
                 raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
@@ -243,6 +310,13 @@ class KeyStore:
     def touch(self, key_id: str) -> None:
         with session_scope(self.engine, write=True) as session:
             ApiKeyRepository(session).touch(key_id)
+
+    def level_totals(
+        self, level: str, level_id: str, day_start: datetime, month_start: datetime
+    ) -> tuple[int, int, float, float]:
+        """Tokens and cost of a key, a user or a team since the start of the UTC day and month."""
+        with session_scope(self.engine) as session:
+            return level_totals(session, level, level_id, day_start, month_start)
 
     def token_totals(self, key_id: str, day_start: datetime, month_start: datetime) -> tuple[int, int]:
         """Tokens the key used since the start of the UTC day and of the UTC month, from the request log."""

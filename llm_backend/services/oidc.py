@@ -695,32 +695,65 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 class OidcAuthenticator:
     """Signs a caller in with an access token of the provider: the token checked, the caller a user.
 
-    `groups_mapped()` says whether anything here depends on the caller's groups (teams mapped to groups).
-    Only then is a token without its groups (Entra ID's group overage) refused: this server cannot ask
-    Microsoft Graph for them (it may have no way out to the internet, and no Graph permission), and
-    guessing "no groups" would quietly drop the caller from every group-mapped team. Where no group is
-    mapped, the groups are not needed and the token is as good as any other.
+    With a database the identity becomes a user (llm_backend.services.org: created at first sight, email
+    and name kept current, teams from its groups), whose and whose team's limits, budgets and models then
+    apply as a key's would.
+
+    Group overage (Entra ID leaves the groups out of a token of a user in too many: `_claim_names` or
+    `hasgroups`) is refused only where groups matter, i.e. some team is mapped to groups: this server
+    cannot ask Microsoft Graph for them (it may have no way out to the internet, and no Graph permission),
+    and taking "no groups" would quietly drop the user from every group-mapped team, or keep stale
+    memberships. Where no team is mapped to groups they are not needed and the token is as good as any.
     """
+
+    GROUPS_MAPPED_TTL = 30.0  # seconds the answer to "is any team mapped to groups" is kept
 
     def __init__(
         self,
         provider: OidcProvider,
         *,
-        groups_mapped: Callable[[], bool] = lambda: False,
-        resolve_user: Callable[[Identity, Any], Awaitable[None]] | None = None,
+        members: Any = None,
+        org: Any = None,
+        guard: Any = None,
     ) -> None:
         self.provider = provider
-        self.groups_mapped = groups_mapped
-        self.resolve_user = resolve_user
+        self.members = members  # llm_backend.services.org.Members
+        self.org = org  # llm_backend.services.org.OrgStore
+        self.guard = guard  # llm_backend.services.dbguard.DatabaseGuard
+        self._groups_mapped: tuple[float, bool] | None = None
 
-    async def __call__(self, token: str, caller: Any) -> dict[str, Any]:
+    async def groups_mapped(self) -> bool:
+        """Whether any team is mapped to OIDC groups (asked only for overage tokens; cached briefly)."""
+        if self.org is None:
+            return False
+        now = monotonic()
+        cached = self._groups_mapped
+        if cached is not None and now - cached[0] < self.GROUPS_MAPPED_TTL:
+            return cached[1]
+        teams = await self._db("team look-up", self.org.list_teams)
+        mapped = any(t.get("groups") for t in teams)
+        self._groups_mapped = (now, mapped)
+        return mapped
+
+    async def _db(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        from llm_backend.db.session import DatabaseUnavailable
+        from llm_backend.services.access import database_unavailable
+        from llm_backend.services.dbguard import DatabaseGuard
+
+        guard = self.guard or DatabaseGuard(5.0)
+        try:
+            return await guard.run(what, fn, *args)
+        except DatabaseUnavailable:
+            raise database_unavailable(guard, "user") from None
+
+    async def __call__(self, token: str, caller: Any, headers: Any = None) -> dict[str, Any]:
         try:
             identity = await self.provider.verify_access_token(token)
         except TokenForbidden:
             # refused before it is anyone here, like a wrong key: no request-log row for it either
             caller.recorded = True
             raise
-        if identity.groups_overage and self.groups_mapped():
+        if identity.groups_overage and await self.groups_mapped():
             caller.recorded = True
             raise TokenForbidden(
                 "The access token does not list its user's groups: Entra ID leaves them out when a user is "
@@ -731,9 +764,32 @@ class OidcAuthenticator:
             )
         caller.identity = identity
         caller.log["user"] = identity.email or identity.subject
-        if self.resolve_user is not None:
-            await self.resolve_user(identity, caller)
+        if self.members is not None:
+            await self._become_member(identity, caller)
         return {"sub": identity.subject, "oidc": True}
+
+    async def _become_member(self, identity: Identity, caller: Any) -> None:
+        from llm_backend.db.session import DatabaseUnavailable
+        from llm_backend.services.access import apply_member, database_unavailable
+
+        try:
+            member = await self.members.resolve_user(
+                subject=identity.subject,
+                issuer=identity.issuer,
+                email=identity.email,
+                name=identity.name,
+                # overage: the groups are unknown, so memberships stay as they are (no team maps groups)
+                groups=None if identity.groups_overage else list(identity.groups),
+            )
+        except DatabaseUnavailable:
+            raise database_unavailable(self.members.guard, "user") from None
+        if not member.enabled:
+            caller.recorded = True
+            raise PermissionDenied(
+                f"The user {identity.email or identity.subject} is disabled on this server.",
+                code="user_disabled",
+            )
+        apply_member(caller, member)
 
 
 async def setup_oidc(settings: Any, resources: Any, stack: contextlib.AsyncExitStack) -> None:
@@ -744,7 +800,12 @@ async def setup_oidc(settings: Any, resources: Any, stack: contextlib.AsyncExitS
     provider = OidcProvider(oidc)
     stack.push_async_callback(provider.aclose)
     resources.oidc_provider = provider
-    resources.oidc = OidcAuthenticator(provider)
+    resources.oidc = OidcAuthenticator(
+        provider,
+        members=getattr(resources, "members", None),
+        org=getattr(resources, "org", None),
+        guard=getattr(resources.members, "guard", None) if getattr(resources, "members", None) else None,
+    )
     warm = asyncio.get_running_loop().create_task(provider.warm_up())
     stack.push_async_callback(_cancel, warm)
     resources.metrics.gauge(

@@ -61,7 +61,7 @@ async def _end(
         if final is None:  # the client went away (or something cut the relay short)
             final = finish()
         usage, reply = final
-        await accountant.settle(flight, usage.total_tokens)
+        await accountant.settle(flight, usage.total_tokens, usage)
     await _on_reply(flight, reply, usage, outcome)
 
 

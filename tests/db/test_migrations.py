@@ -16,7 +16,16 @@ from llm_backend.db import migrate, schema
 from llm_backend.db.models import Base, Conversation, RequestLog
 from llm_backend.db.session import make_engine, session_scope
 
-TABLES = {"request_log", "conversations", "messages", "api_keys", "response_owners"}
+TABLES = {
+    "request_log",
+    "conversations",
+    "messages",
+    "api_keys",
+    "response_owners",
+    "teams",
+    "users",
+    "team_members",
+}
 
 
 def _tables(engine: Engine) -> set[str]:

@@ -166,6 +166,9 @@ class FailingTotals:
     def token_totals(self, *args: Any) -> tuple[int, int]:
         raise DatabaseUnavailable("connection refused")
 
+    def level_totals(self, *args: Any) -> tuple[int, int, float, float]:
+        raise DatabaseUnavailable("connection refused")
+
 
 @pytest.mark.parametrize("fail_open", [True, False])
 async def test_budget_seeding_without_the_request_log(fail_open: bool) -> None:
