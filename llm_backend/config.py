@@ -57,6 +57,7 @@ ENV_VARS = (
     "AZURE_TENANT_ID",
     "AZURE_FEDERATED_TOKEN_FILE",
     "METRICS_TOKEN",
+    "CONSOLE_SESSION_TTL",
     # the connection guard (llm_backend/server.py)
     "HEADER_TIMEOUT",
     "BODY_TIMEOUT",
@@ -229,6 +230,7 @@ class Settings:
     trusted_user_headers: tuple[tuple[str, str], ...] = DEFAULT_TRUSTED_USER_HEADERS
     # sign-in with an OIDC provider (Entra ID or any other): access tokens on the API, the console's login
     oidc: OidcSettings = field(default_factory=lambda: OidcSettings())
+    console_session_ttl_s: float = 12 * 3600.0  # how long a console sign-in lasts (CONSOLE_SESSION_TTL)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -275,6 +277,7 @@ class Settings:
             trusted_user_headers=trusted_user_headers(env.get("TRUSTED_USER_HEADERS")),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
             oidc=oidc_settings_from_env(env),
+            console_session_ttl_s=_session_ttl(env, "CONSOLE_SESSION_TTL", 12 * 3600.0),
         )
 
 
@@ -300,6 +303,25 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = -1.0
     if not value > 0 or value == float("inf"):
         raise ConfigError(f"environment: {name}={raw!r} is not a positive number of seconds")
+    return value
+
+
+def _session_ttl(env: Mapping[str, str], name: str, default: float) -> float:
+    """A lifetime of one minute to 30 days: a duration (30m, 12h, 7d) or a number of seconds."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    from llm_backend.durations import parse_duration
+
+    try:
+        value = float(raw) if raw.replace(".", "", 1).isdigit() else parse_duration(raw).total_seconds()
+    except ValueError:
+        value = -1.0
+    if not 60 <= value <= 30 * 86400:
+        raise ConfigError(
+            f"environment: {name}={raw!r} is not a session lifetime between 1 minute and 30 days; "
+            "write e.g. 30m, 12h, 7d or a number of seconds"
+        )
     return value
 
 

@@ -56,6 +56,7 @@ class Resources:
     members: Any = None  # llm_backend.services.org.Members: resolve_user() for the serving path
     conversations: Any = None
     responses: Any = None  # llm_backend.services.responses.ResponsesService
+    console_sessions: Any = None  # llm_backend.services.sessions.ConsoleSessions
     limiter: Any = None
     oidc: Any = None  # llm_backend.services.oidc.OidcAuthenticator when OIDC_ISSUER is set
     oidc_provider: Any = None
@@ -169,6 +170,14 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
     await owners.start()
     stack.push_async_callback(owners.stop)
     resources.responses = ResponsesService(resources.proxy, owners)
+    from llm_backend.services.sessions import ConsoleSessions
+
+    resources.console_sessions = ConsoleSessions(
+        resources.engine,
+        ttl_s=settings.console_session_ttl_s,
+        admin_key=settings.admin_key,
+        allow_local=settings.auth == "none" and not settings.admin_key,
+    )
     return resources
 
 

@@ -258,6 +258,27 @@ class ResponseOwner(Base):
     __table_args__ = (sa.Index("ix_response_owners_created_at", "created_at"),)
 
 
+class ConsoleSession(Base):
+    """A signed-in console session: only the sha256 of the cookie's token is stored, never the token."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)  # sha256 hex of the cookie token
+    subject: Mapped[str] = mapped_column(sa.String(255))  # "admin", or a signed-in user's subject
+    method: Mapped[str] = mapped_column(sa.String(32))  # admin_key | local | oidc | ...
+    name: Mapped[str | None] = mapped_column(sa.String(255))  # shown in the page header
+    # a fingerprint of the credential it was opened with (the admin key): changing it ends the session
+    credential: Mapped[str | None] = mapped_column(sa.String(64))
+    client_ip: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        sa.Index("ix_console_sessions_expires_at", "expires_at"),
+        sa.Index("ix_console_sessions_subject", "subject"),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Every text set on a model is made storable (U+0000 → U+FFFD, see llm_backend.db.storable): PostgreSQL
 # refuses NUL in text and JSONB, so a NUL in a key's name, a title, a system prompt or a message would
@@ -276,4 +297,6 @@ def _listen_to_texts(*models: type[Base]) -> None:
                 sa.event.listen(getattr(model, attr.key), "set", _storable_on_set, retval=True)
 
 
-_listen_to_texts(RequestLog, Conversation, Message, ApiKey, ResponseOwner, Team, User, TeamMember)
+_listen_to_texts(
+    RequestLog, Conversation, Message, ApiKey, ResponseOwner, Team, User, TeamMember, ConsoleSession
+)

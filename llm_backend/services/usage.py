@@ -94,3 +94,34 @@ def request_list(
             }
             for r in rows
         ]
+
+
+_DETAIL_EXTRA = ("provider", "deployment", "cached_tokens", "reasoning_tokens", "client_ip")
+
+
+def request_detail(engine: Any, request_id: str) -> dict[str, Any] | None:
+    """One recorded request with everything the log holds of it and, where content recording kept them, the
+    messages it sent (its conversation up to this request) and received, those it added marked `new`;
+    None when there is no such request."""
+    from llm_backend.db.repositories import ConversationRepository
+
+    with session_scope(engine) as session:
+        row = RequestLogRepository(session).get(request_id)
+        if row is None:
+            return None
+        out: dict[str, Any] = {
+            "object": "request",
+            **{f: getattr(row, f) for f in (*_REQUEST_FIELDS, *_DETAIL_EXTRA)},
+            "created_at": row.created_at.isoformat(),
+            "cost": getattr(row, "cost", None),
+            "messages": [],
+        }
+        if row.conversation_id:
+            messages = ConversationRepository(session).messages(row.conversation_id)
+            own = [i for i, m in enumerate(messages) if m.request_id == request_id]
+            if own:
+                out["messages"] = [
+                    {**m.to_dict(), "position": m.position, "new": m.request_id == request_id}
+                    for m in messages[: own[-1] + 1]
+                ]
+        return out

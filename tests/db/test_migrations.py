@@ -25,6 +25,7 @@ TABLES = {
     "teams",
     "users",
     "team_members",
+    "console_sessions",
 }
 
 

@@ -1,0 +1,1 @@
+"""The operator console: templates, static assets, server-drawn charts and the data of its pages."""

@@ -1,0 +1,279 @@
+"""The data of the console's pages, from the same services the admin API uses (no query of its own)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from llm_backend.errors import InvalidRequest
+from llm_backend.services.usage import usage_report
+
+LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
+RECENT = timedelta(minutes=15)  # the window of a backend's "recent" error rate in the request log
+
+
+def day_start(now: datetime) -> datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def month_start(now: datetime) -> datetime:
+    return day_start(now).replace(day=1)
+
+
+def _split_list(raw: str) -> list[str]:
+    return [p.strip() for p in re.split(r"[,\s]+", raw) if p.strip()]
+
+
+def key_body(form: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
+    """A key form's fields (all text) as the admin API's key body: lists split on commas or white space,
+    empty limits meaning none; InvalidRequest naming a field that is not a whole number."""
+    body: dict[str, Any] = {}
+    text = {k: str(v).strip() for k, v in form.items() if isinstance(v, str | int)}
+    if creating or "name" in text:
+        body["name"] = text.get("name", "")
+    if "owner" in text:
+        body["owner"] = text["owner"] or None
+    if "models" in text:
+        body["models"] = _split_list(text["models"]) or None
+    if "allowed_ips" in text:
+        body["allowed_ips"] = _split_list(text["allowed_ips"]) or None
+    for field in LIMIT_FIELDS:
+        if field not in text:
+            continue
+        raw = text[field].replace("_", "").replace(",", "")
+        if not raw:
+            body[field] = None
+            continue
+        if not raw.isdigit():
+            raise InvalidRequest(
+                f"'{field}' must be a whole number >= 0, or empty for no limit.", param=field
+            )
+        body[field] = int(raw)
+    expires_in = text.get("expires_in", "")
+    expires_at = text.get("expires_at", "")
+    if expires_in:
+        body["expires_in"] = expires_in
+    elif expires_at:
+        body["expires_at"] = expires_at if re.search(r"(Z|[+-]\d\d:?\d\d)$", expires_at) else expires_at + "Z"
+    elif not creating and "expires_at" in text:
+        body["expires_at"] = None
+    if not creating:
+        body["enabled"] = text.get("enabled") in ("on", "true", "1")
+    return body
+
+
+def key_rows(store: Any, engine: Any, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Every key with its tokens and requests today and this month (UTC) and what is left of its budgets."""
+    now = now or datetime.now(UTC)
+    keys = store.list()
+    today = {r["key_id"]: r for r in usage_report(engine, day_start(now), now, ["key"])}
+    month = {r["key_id"]: r for r in usage_report(engine, month_start(now), now, ["key"])}
+    rows = []
+    for key in keys:
+        d, m = today.get(key["id"], {}), month.get(key["id"], {})
+        used_day, used_month = int(d.get("total_tokens", 0)), int(m.get("total_tokens", 0))
+        expired = bool(key["expires_at"]) and datetime.fromisoformat(key["expires_at"]) <= now
+        rows.append(
+            {
+                **key,
+                "requests_today": int(d.get("requests", 0)),
+                "requests_month": int(m.get("requests", 0)),
+                "tokens_today": used_day,
+                "tokens_month": used_month,
+                "daily_left": None if key["daily_tokens"] is None else max(0, key["daily_tokens"] - used_day),
+                "monthly_left": None
+                if key["monthly_tokens"] is None
+                else max(0, key["monthly_tokens"] - used_month),
+                "expired": expired,
+                "status": "disabled" if not key["enabled"] else "expired" if expired else "active",
+            }
+        )
+    return rows
+
+
+def backend_rows(router: Any, engine: Any, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Each model's backends: this worker's live routing state and the request log's recent error rate."""
+    now = now or datetime.now(UTC)
+    recent: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    if engine is not None:
+        for r in usage_report(engine, now - RECENT, now, ["model", "backend"]):
+            recent[(r["model"], r["backend"])] = r
+    rows = []
+    for s in router.snapshot():
+        state = str(s["state"])
+        if float(s["cooldown_remaining_s"] or 0) > 0:
+            live = "cooling_down"
+        elif state.startswith("half_open"):
+            live = "half_open"
+        elif state == "open":
+            live = "open"
+        else:
+            live = "healthy"
+        r = recent.get((s["model"], s["backend"]), {})
+        requests = int(r.get("requests", 0))
+        rows.append(
+            {
+                **s,
+                "live": live,
+                "recent_requests": requests,
+                "recent_errors": int(r.get("errors", 0)),
+                "recent_error_rate": (int(r.get("errors", 0)) / requests) if requests else None,
+            }
+        )
+    return rows
+
+
+RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
+MAX_CUSTOM = timedelta(days=366)
+MAX_HOURLY = timedelta(days=31)
+
+
+def _parse_when(text: str | None, *, end: bool = False) -> datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if end and len(text.strip()) == 10:
+        when += timedelta(days=1)
+    return when
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The time range a page shows: a preset (24h, 7d, 30d) or a custom one, and its chart bucket."""
+
+    range: str
+    start: datetime
+    end: datetime
+    bucket: str  # hour | day
+    since_text: str = ""
+    until_text: str = ""
+    error: str | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        range_: str | None,
+        since: str | None,
+        until: str | None,
+        bucket: str | None,
+        now: datetime | None = None,
+    ) -> Window:
+        now = now or datetime.now(UTC)
+        error = None
+        name = (range_ or "24h").strip()
+        if name == "custom" or (range_ is None and (since or until)):
+            start, end = _parse_when(since), _parse_when(until, end=True) or now
+            if start is None or end <= start:
+                error = "The custom range needs a start before its end (dates or times in UTC)."
+                name, start, end = "24h", now - RANGES["24h"], now
+            elif end - start > MAX_CUSTOM:
+                error = "A custom range is at most 366 days long; showing its last 366 days."
+                start = end - MAX_CUSTOM
+                name = "custom"
+            else:
+                name = "custom"
+        else:
+            if name not in RANGES:
+                error = f"Unknown range {name[:20]!r}; showing the last 24 hours."
+                name = "24h"
+            start, end = now - RANGES[name], now
+        span = end - start
+        chosen = bucket if bucket in ("hour", "day") else ("hour" if span <= RANGES["7d"] else "day")
+        if chosen == "hour" and span > MAX_HOURLY:
+            chosen = "day"
+        return cls(name, start, end, chosen, since or "", until or "", error)
+
+    @property
+    def hourly(self) -> bool:
+        return self.bucket == "hour"
+
+    def buckets(self) -> list[datetime]:
+        """The start of every bucket that overlaps the window, oldest first."""
+        step = timedelta(hours=1) if self.hourly else timedelta(days=1)
+        first = self.start.replace(minute=0, second=0, microsecond=0)
+        if not self.hourly:
+            first = first.replace(hour=0)
+        out = []
+        at = first
+        while at < self.end:
+            out.append(at)
+            at += step
+        return out
+
+
+def _key_names(key_store: Any) -> dict[str, str]:
+    return {k["id"]: f"{k['name']} ({k['prefix']}…)" for k in key_store.list()} if key_store else {}
+
+
+def overview(engine: Any, window: Window, key_store: Any) -> dict[str, Any]:
+    """Totals, series per bucket and breakdowns of the window, for the overview page."""
+    from llm_backend.console.charts import Bar, Series, bar_chart, time_chart
+
+    buckets = window.buckets()
+    names = _key_names(key_store)
+    total = usage_report(engine, window.start, window.end, [])
+    totals = total[0] if total else {}
+    per_day = {r["day"]: r for r in usage_report(engine, window.start, window.end, ["day"])}
+    days = [b for b in buckets] if not window.hourly else []
+    series_rows = [per_day.get(b.strftime("%Y-%m-%d"), {}) for b in days]
+
+    def col(name: str) -> list[float | None]:
+        return [float(r.get(name, 0)) for r in series_rows]
+
+    charts = [
+        time_chart(
+            "Requests",
+            days,
+            [Series("requests", col("requests")), Series("errors", col("errors"))],
+            hourly=False,
+            kind="bars",
+        ),
+        time_chart(
+            "Tokens",
+            days,
+            [Series("prompt", col("prompt_tokens")), Series("completion", col("completion_tokens"))],
+            hourly=False,
+        ),
+    ]
+    breakdowns = []
+    for group, title in (
+        ("model", "By model"),
+        ("key", "By key"),
+        ("user", "By end user"),
+        ("backend", "By backend"),
+    ):
+        rows = usage_report(engine, window.start, window.end, [group])
+        field = "key_id" if group == "key" else group
+        bars = [
+            Bar(
+                names.get(r[field], r[field]) if group == "key" and r[field] else (r[field] or "(none)"),
+                r["requests"],
+            )
+            for r in rows
+        ]
+        breakdowns.append({"title": title, "chart": bar_chart(f"Requests {title.lower()}", bars)})
+    return {"totals": totals, "charts": charts, "breakdowns": breakdowns, "errors": [], "top": []}
+
+
+def request_log(
+    engine: Any, window: Window, filters: Mapping[str, str], cursor: str | None
+) -> dict[str, Any]:
+    from llm_backend.services.usage import request_list
+
+    rows = request_list(
+        engine,
+        window.start,
+        window.end,
+        client_request_id=filters.get("request_id"),
+        key_id=filters.get("key_id"),
+        model=filters.get("model"),
+        limit=100,
+    )
+    return {"data": rows, "next_cursor": None}
