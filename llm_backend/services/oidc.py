@@ -550,6 +550,7 @@ class OidcProvider:
     async def verify(
         self, token: str, *, audience: Iterable[str], nonce: str | None = None, kind: str = "access token"
     ) -> Identity:
+        audience = tuple(audience)
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -595,7 +596,7 @@ class OidcProvider:
             raise TokenRejected(
                 f"The {kind} claims algorithm {alg}, which does not fit the provider's key {_shown(kid)!r}."
             )
-        claims = self._decode(token, keys, alg, tuple(audience), unverified, kind)
+        claims = self._decode(token, keys, alg, audience, unverified, kind)
         if not tenant_ok:
             raise TokenForbidden(
                 f"The {kind} was issued by the Entra ID tenant {tenant}, which may not use this server "
@@ -607,6 +608,9 @@ class OidcProvider:
             raise TokenRejected(f"The {kind}'s tenant (tid) is not the tenant of its issuer.")
         if nonce is not None and claims.get("nonce") != nonce:
             raise TokenRejected(f"The {kind} does not carry the nonce of this sign-in.")
+        audiences = _strings(claims.get("aud"))
+        if nonce is not None and len(audiences) > 1 and claims.get("azp") not in audience:
+            raise TokenRejected(f"The {kind} was issued to another client (azp).")
         return identity_of(claims, tenant, kind)
 
     def _decode(
@@ -678,6 +682,137 @@ class OidcProvider:
                 await task
         await self.keys.aclose()
         await self.http.aclose()
+
+
+# -- the console's sign-in: authorization code with PKCE --------------------------------------------------
+
+
+class SignInFailed(Exception):
+    """The provider's half of a console sign-in went wrong; `message` is for the person signing in."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class SignInStart:
+    """Where to send the browser, and what the callback must find again (kept in the browser's cookie)."""
+
+    url: str
+    state: str
+    nonce: str
+    verifier: str
+
+
+def code_challenge(verifier: str) -> str:
+    """PKCE's S256 challenge of a verifier (RFC 7636)."""
+    import base64
+    import hashlib
+
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
+
+
+def _endpoint(document: Mapping[str, Any], name: str) -> str:
+    url = document.get(name)
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise SignInFailed(f"The identity provider's discovery document names no {name}.", 503)
+    return url
+
+
+async def start_sign_in(provider: OidcProvider, redirect_uri: str) -> SignInStart:
+    """The authorization request: state and nonce against replay and forgery, an S256 code challenge."""
+    import secrets
+    from urllib.parse import urlencode
+
+    settings = provider.settings
+    assert settings.client_id is not None
+    document = await provider.metadata()
+    endpoint = _endpoint(document, "authorization_endpoint")
+    state, nonce, verifier = secrets.token_urlsafe(24), secrets.token_urlsafe(24), secrets.token_urlsafe(48)
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": settings.client_id,
+            "redirect_uri": redirect_uri,
+            "scope": " ".join(settings.scopes),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": code_challenge(verifier),
+            "code_challenge_method": "S256",
+            "response_mode": "query",
+        }
+    )
+    return SignInStart(f"{endpoint}{'&' if '?' in endpoint else '?'}{query}", state, nonce, verifier)
+
+
+async def finish_sign_in(
+    provider: OidcProvider, code: str, *, redirect_uri: str, verifier: str, nonce: str
+) -> Identity:
+    """Exchange the code at the token endpoint (with the PKCE verifier) and check the ID token it returns."""
+    settings = provider.settings
+    assert settings.client_id is not None
+    document = await provider.metadata()
+    endpoint = _endpoint(document, "token_endpoint")
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "client_id": settings.client_id,
+        "code_verifier": verifier,
+    }
+    auth: tuple[str, str] | None = None
+    if settings.client_secret:
+        methods = document.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if "client_secret_post" in methods:
+            form["client_secret"] = settings.client_secret
+        else:  # RFC 6749 2.3.1: both form-encoded before they go into the Basic header
+            from urllib.parse import quote
+
+            auth = (quote(settings.client_id, safe=""), quote(settings.client_secret, safe=""))
+    try:
+        status, answer = await provider.http.post_form(endpoint, form, auth=auth)
+    except FetchFailed as exc:
+        _throttle.log("token", logging.WARNING, "OIDC code exchange failed: %s", exc)
+        raise SignInFailed("The identity provider could not be reached to finish the sign-in.", 503) from None
+    if status != 200:
+        error = _shown(answer.get("error") or f"HTTP {status}", 80)
+        description = _shown(answer.get("error_description") or "", 300)
+        logger.warning("OIDC code exchange refused: %s %s", error, description)
+        raise SignInFailed(
+            f"The identity provider did not accept the sign-in ({error}). {description}".strip()
+        )
+    id_token = answer.get("id_token")
+    if not isinstance(id_token, str):
+        raise SignInFailed("The identity provider's answer has no ID token (is `openid` in OIDC_SCOPES?).")
+    try:
+        return await provider.verify_id_token(id_token, nonce=nonce)
+    except (TokenRejected, TokenForbidden) as exc:
+        raise SignInFailed(exc.message, exc.status_code) from None
+
+
+def admin_refusal(identity: Identity, settings: OidcSettings) -> str | None:
+    """Why this identity may not use the console (None: it is an admin by OIDC_ADMIN_GROUPS/ROLES)."""
+    groups, roles = set(settings.admin_groups), set(settings.admin_roles)
+    if groups & set(identity.groups) or roles & set(identity.roles):
+        return None
+    who = identity.email or identity.name or identity.subject
+    if not groups and not roles:
+        return (
+            f"You are signed in as {who}, but this server names no administrators of its identity provider "
+            "(OIDC_ADMIN_GROUPS, OIDC_ADMIN_ROLES), so nobody can open the console this way."
+        )
+    if identity.groups_overage and groups:
+        return (
+            f"You are signed in as {who}, but your sign-in does not list your groups (you are in too many; "
+            "Entra ID left them out), so membership in an admin group cannot be seen. Ask for an admin app "
+            "role (OIDC_ADMIN_ROLES), or have the app registration emit only the groups assigned to it."
+        )
+    return (
+        f"You are signed in as {who}, but you are not an administrator of this server: the console needs "
+        "membership in one of its admin groups or one of its admin roles."
+    )
 
 
 # -- the serving path ----------------------------------------------------------------------------------

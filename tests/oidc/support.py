@@ -94,6 +94,7 @@ class Issuer:
         self.codes: dict[str, dict[str, Any]] = {}  # authorization codes handed out
         self.token_requests: list[dict[str, Any]] = []
         self.next_login: dict[str, Any] = {}  # claims the next sign-in's ID token carries
+        self.public_client = False  # the client authenticates with PKCE alone (no secret may be sent)
         discovered = f"{self.base}/{{tenantid}}/v2.0" if multi_tenant else self.issuer
         path = self.configured_issuer.removeprefix(self.base)
         self.document = {
@@ -214,7 +215,7 @@ class Issuer:
         auth = request.authorization
         if auth is not None:
             client_id, secret = auth.username, auth.password
-        if client_id != CLIENT_ID or secret != CLIENT_SECRET:
+        if client_id != CLIENT_ID or secret != (None if self.public_client else CLIENT_SECRET):
             return error("invalid_client", "bad client credentials")
         if form.get("redirect_uri") != grant["redirect_uri"]:
             return error("invalid_grant", "redirect_uri differs from the authorization request")
