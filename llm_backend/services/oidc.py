@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -63,14 +64,15 @@ class Identity:
 def _shown(value: Any, limit: int = 120) -> str:
     """A claim from an unverified token, safe to put in a message: printable, short."""
     text = _PRINTABLE.sub("?", str(value))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class TokenRejected(AuthenticationFailed):
     """A bearer token that is not a valid token of our provider for this server (401)."""
 
     def __init__(self, message: str, **kw: Any) -> None:
-        description = message.replace('"', "'").replace("\\", "/")
+        # a header value: ASCII, no quotes or backslashes to break out of the quoted string
+        description = message.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "/")
         headers = {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{description}"'}
         super().__init__(message, code=kw.pop("code", "invalid_api_key"), headers=headers, **kw)
 
@@ -371,6 +373,12 @@ class IssuerPolicy:
                 return m["tenant"].lower()
         return None
 
+    def canonical(self, tenant: str | None) -> str:
+        """The one issuer a user of `tenant` is known by, whichever token version it came with."""
+        if self.v2_base is not None and tenant is not None:
+            return f"{self.v2_base}/{tenant}/v2.0"
+        return self.issuer
+
     def classify(self, iss: Any) -> tuple[bool, str | None] | None:
         """(tenant accepted, tenant) for an issuer of our provider; None for any other issuer."""
         if not isinstance(iss, str):
@@ -611,7 +619,9 @@ class OidcProvider:
         audiences = _strings(claims.get("aud"))
         if nonce is not None and len(audiences) > 1 and claims.get("azp") not in audience:
             raise TokenRejected(f"The {kind} was issued to another client (azp).")
-        return identity_of(claims, tenant, kind)
+        identity = identity_of(claims, tenant, kind)
+        # v1.0 and v2.0 tokens of one Entra tenant name their issuer differently: one user either way
+        return dataclasses.replace(identity, issuer=policy.canonical(tenant))
 
     def _decode(
         self,
@@ -820,8 +830,10 @@ def admin_refusal(identity: Identity, settings: OidcSettings) -> str | None:
 
 def looks_like_jwt(token: str) -> bool:
     """Three base64url segments (a JWS in compact form), the first a JSON object ('eyJ' is '{"')."""
+    if not token.startswith("eyJ"):
+        return False
     parts = token.split(".")
-    return len(parts) == 3 and token.startswith("eyJ") and all(_B64URL.fullmatch(p) for p in parts[:2])
+    return len(parts) == 3 and all(_B64URL.fullmatch(p) for p in parts[:2])
 
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")

@@ -79,6 +79,8 @@ def test_valid_tokens_are_served_and_recorded_as_their_user(issuer: Issuer, make
         ("alg_kty_mismatch", 401, "invalid_api_key", ["does not fit"]),
         ("bad_signature", 401, "invalid_api_key", ["signature"]),
         ("foreign_key", 401, "invalid_api_key", ["signature"]),
+        ("graph_signature", 401, "invalid_api_key", ["Microsoft Graph"]),
+        ("long_issuer", 401, "invalid_api_key", ["issuer", "..."]),
         ("no_exp", 401, "invalid_api_key", ["exp"]),
         ("no_subject", 401, "invalid_api_key", ["subject"]),
         ("other_tenant", 403, "tenant_not_allowed", ["tenant", OTHER_TENANT]),
@@ -113,6 +115,11 @@ def test_bad_tokens_are_refused_and_not_recorded(
         "alg_kty_mismatch": lambda: ".".join([_header({"alg": "ES256", "kid": "rsa1"}), *rsa_parts[1:]]),
         "bad_signature": lambda: ".".join([*rsa_parts[:2], rsa_parts[2][::-1]]),
         "foreign_key": lambda: _resign(issuer, "rsa-foreign", as_kid="rsa1"),
+        # Graph's tokens carry a nonce in their header and verify with nobody's key but Graph's
+        "graph_signature": lambda: _resign(
+            issuer, "rsa-foreign", as_kid="rsa1", aud="00000003-0000-0000-c000-000000000000"
+        ),
+        "long_issuer": lambda: issuer.token(iss="https://evil.example/" + "x\u2026\n" * 200),
         "no_exp": lambda: issuer.token(exp=None),
         "no_subject": lambda: issuer.token(oid=None, sub=None),
         "other_tenant": lambda: issuer.token(
@@ -130,6 +137,8 @@ def test_bad_tokens_are_refused_and_not_recorded(
     message = assert_openai_error(answer, status, code=code, words=words)
     assert token not in message and token not in answer.text
     assert answer.headers["www-authenticate"].startswith("Bearer")
+    assert answer.headers["www-authenticate"].isascii()
+    assert len(message) < 600
     # signature and payload never appear in the logs either
     assert token.split(".")[1] not in caplog.text
     assert rows == [], "a refused token is recorded as nobody's request"
@@ -143,12 +152,14 @@ def _header(header: dict[str, Any]) -> str:
     return b64url(json.dumps(header).encode())
 
 
-def _resign(issuer: Issuer, signer: str, *, as_kid: str) -> str:
+def _resign(issuer: Issuer, signer: str, *, as_kid: str, **claims: Any) -> str:
     import jwt
 
     from tests.oidc.support import _private_key
 
-    return jwt.encode(issuer.claims(), _private_key(signer), algorithm="RS256", headers={"kid": as_kid})
+    return jwt.encode(
+        issuer.claims(**claims), _private_key(signer), algorithm="RS256", headers={"kid": as_kid}
+    )
 
 
 def test_leeway_accepts_a_token_just_expired(issuer: Issuer, make_settings: Any) -> None:

@@ -76,3 +76,13 @@ def test_disabled_user_is_refused(issuer: Issuer, make_settings: Any) -> None:
     with create_app(settings).test_client() as client:
         answer = client.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
     assert_openai_error(answer, 403, code="user_disabled", words=["disabled"])
+
+
+def test_v1_and_v2_tokens_of_one_user_are_one_user(issuer: Issuer, make_settings: Any) -> None:
+    settings = make_settings(issuer.settings())
+    with create_app(settings).test_client() as client:
+        for token in (issuer.token(), issuer.v1_token(oid=ADA)):
+            assert client.post("/v1/chat/completions", json=CHAT, headers=bearer(token)).status_code == 200
+    (user,) = org(settings.database_url).list_users()
+    assert (user["subject"], user["issuer"]) == (ADA, issuer.issuer)
+    assert {r["user_id"] for r in request_log(settings.database_url)} == {user["id"]}
