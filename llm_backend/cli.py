@@ -390,6 +390,12 @@ def _keys(args: argparse.Namespace, store: Any) -> int:
             data["expires_in"] = args.expires
         if args.allow_ip:
             data["allowed_ips"] = args.allow_ip
+        if args.team:
+            data["team"] = args.team
+        if args.user:
+            data["user"] = args.user
+        if args.trusted_ui:
+            data["trusted_ui"] = True
         info, secret = store.create(data)
         if args.json:
             _print_json({**info, "secret": secret})
@@ -444,7 +450,23 @@ def cmd_usage(args: argparse.Namespace) -> int:
     groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
     with _database() as engine:
         key_id = _key_id(engine, args.key) if args.key else None
-        rows = usage_report(engine, since, until, groups, key_id, args.model)
+        team_id = user_id = None
+        if args.team or args.user:
+            from llm_backend.errors import GatewayError
+            from llm_backend.services.org import OrgStore
+
+            org = OrgStore(engine)
+            try:
+                team_id = org.team_id(args.team) if args.team else None
+                user_id = org.user_id(args.user) if args.user else None
+            except GatewayError as exc:
+                raise CliError(exc.message) from None
+        try:
+            rows = usage_report(
+                engine, since, until, groups, key_id, args.model, user_id=user_id, team_id=team_id
+            )
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     if args.json:
         _print_json(rows)
         return 0
@@ -453,7 +475,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
             row["key_name"] = "(deleted)"
     columns: list[str] = []
     for g in groups:
-        columns += ["key_id", "key_name"] if g == "key" else [g]
+        columns += {"key": ["key_id", "key_name"], "team": ["team_id", "team_name"]}.get(
+            g, ["user_id", "user_email"] if g == "user_id" else [g]
+        )
     _print_table(
         rows,
         [*columns, *_USAGE_TOTALS],
@@ -470,6 +494,199 @@ def cmd_prune(args: argparse.Namespace) -> int:
         deleted = prune(engine, older_than, include_conversations=args.conversations)
     print(f"deleted {deleted} rows older than {args.older_than}")
     return 0
+
+
+_TEAM_COLUMNS = [
+    "id",
+    "name",
+    "members",
+    "models",
+    "rpm",
+    "tpm",
+    "daily_tokens",
+    "daily_spend",
+    "monthly_spend",
+    "groups",
+]
+_USER_COLUMNS = [
+    "id",
+    "email",
+    "name",
+    "enabled",
+    "teams",
+    "rpm",
+    "daily_tokens",
+    "daily_spend",
+    "last_seen_at",
+]
+_ORG_INTS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
+
+
+def _limit(text: str) -> int:
+    """A whole-number limit; `none` (or a negative number) clears it (-1)."""
+    if text.strip().lower() == "none":
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or `none`: {text!r}") from None
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    """The limit flags of teams and users, named like the keys' (--daily-spend/--monthly-spend: money)."""
+    p.add_argument("--models", action="append", help="allowed models (comma list; repeatable); default all")
+    p.add_argument("--rpm", type=_limit, metavar="N")
+    p.add_argument("--tpm", type=_limit, metavar="N")
+    p.add_argument("--max-parallel", dest="max_parallel", type=_limit, metavar="N")
+    p.add_argument("--daily-tokens", dest="daily_tokens", type=_limit, metavar="N")
+    p.add_argument("--monthly-tokens", dest="monthly_tokens", type=_limit, metavar="N")
+    p.add_argument("--daily-spend", dest="daily_spend", metavar="AMOUNT", help="money per UTC day")
+    p.add_argument("--monthly-spend", dest="monthly_spend", metavar="AMOUNT", help="money per UTC month")
+
+
+def _limit_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits given on the command line; the word `none` clears one (unlimited)."""
+    data: dict[str, Any] = {}
+    if args.models:
+        joined = ",".join(args.models)
+        data["models"] = None if joined.strip().lower() in ("all", "*") else _csv(joined)
+    for field in _ORG_INTS:
+        value = getattr(args, field)
+        if value is not None:
+            data[field] = None if value < 0 else value
+    for field in ("daily_spend", "monthly_spend"):
+        value = getattr(args, field)
+        if value is not None:
+            data[field] = None if value.strip().lower() == "none" else value
+    return data
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_teams(args: argparse.Namespace) -> int:
+    from llm_backend.errors import GatewayError
+    from llm_backend.services.org import OrgStore
+
+    with _database() as engine:
+        store = OrgStore(engine)
+        try:
+            return _teams(args, store)
+        except GatewayError as exc:
+            raise CliError(exc.message) from None
+
+
+def _teams(args: argparse.Namespace, store: Any) -> int:
+    action = args.teams_command
+    if action in ("create", "update"):
+        data = _limit_data(args)
+        if args.name is not None:
+            data["name"] = args.name
+        if args.groups is not None:
+            data["groups"] = _csv(args.groups) or None
+        info = store.create_team(data) if action == "create" else store.update_team(args.team, data)
+        if args.json:
+            _print_json(info)
+        else:
+            print(f"{action}d team {info['id']} ({info['name']})")
+    elif action == "list":
+        teams = store.list_teams()
+        if args.json:
+            _print_json(teams)
+        else:
+            for team in teams:
+                team["models"] = team.get("models") or "all"
+            _print_table(teams, _TEAM_COLUMNS, empty="no teams yet: llm-backend teams create --name NAME")
+    elif action == "show":
+        _print_json(store.get_team(args.team))
+    elif action == "delete":
+        deleted = store.delete_team(args.team)
+        print(f"deleted team {deleted}")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from llm_backend.errors import GatewayError
+    from llm_backend.services.org import OrgStore
+
+    with _database() as engine:
+        store = OrgStore(engine)
+        try:
+            return _users(args, store)
+        except GatewayError as exc:
+            raise CliError(exc.message) from None
+
+
+def _users(args: argparse.Namespace, store: Any) -> int:
+    action = args.users_command
+    if action == "list":
+        users = store.list_users(args.team, args.q)
+        if args.json:
+            _print_json(users)
+        else:
+            for user in users:
+                user["teams"] = ",".join(
+                    f"{t['name']}{'*' if t['role'] == 'admin' else ''}" for t in user["teams"]
+                )
+            _print_table(users, _USER_COLUMNS, empty="no users yet: they appear when they first sign in")
+    elif action == "show":
+        _print_json(store.get_user(args.user))
+    elif action == "update":
+        data = _limit_data(args)
+        if args.teams is not None:
+            data["teams"] = _csv(args.teams)
+        if args.admin_of is not None:
+            data["admin_of"] = _csv(args.admin_of)
+        if args.enable or args.disable:
+            data["enabled"] = bool(args.enable)
+        info = store.update_user(args.user, data)
+        if args.json:
+            _print_json(info)
+        else:
+            print(f"updated user {info['id']} ({info['email'] or info['subject']})")
+    return 0
+
+
+def _org_parsers(sub: Any) -> None:
+    teams = sub.add_parser("teams", help="manage teams: their models, limits, budgets and OIDC groups")
+    ts = teams.add_subparsers(dest="teams_command", required=True, metavar="ACTION")
+    c = ts.add_parser("create", help="create a team")
+    c.add_argument("--name", required=True)
+    _limit_flags(c)
+    c.add_argument("--groups", metavar="G1,G2", help="OIDC groups whose members belong to the team")
+    c.add_argument("--json", action="store_true", help="print the team as JSON")
+    u = ts.add_parser("update", help="change a team (a negative number or `none` clears a limit)")
+    u.add_argument("team", metavar="TEAM", help="id or name")
+    u.add_argument("--name")
+    _limit_flags(u)
+    u.add_argument("--groups", metavar="G1,G2", help="OIDC groups ('' clears them)")
+    u.add_argument("--json", action="store_true", help="print the team as JSON")
+    ls = ts.add_parser("list", help="list teams")
+    ls.add_argument("--json", action="store_true", help="print a JSON list")
+    for name in ("show", "delete"):
+        d = ts.add_parser(name, help=f"{name} a team")
+        d.add_argument("team", metavar="TEAM", help="id or name")
+    teams.set_defaults(func=cmd_teams)
+
+    users = sub.add_parser("users", help="list and edit users (they are created when they first sign in)")
+    us = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    ls = us.add_parser("list", help="list users")
+    ls.add_argument("--team", help="only this team's members (id or name)")
+    ls.add_argument("--q", help="search emails and names")
+    ls.add_argument("--json", action="store_true", help="print a JSON list")
+    s = us.add_parser("show", help="show a user")
+    s.add_argument("user", metavar="USER", help="id, email or subject")
+    u = us.add_parser("update", help="change a user's limits, teams or enabled flag")
+    u.add_argument("user", metavar="USER", help="id, email or subject")
+    _limit_flags(u)
+    u.add_argument("--teams", metavar="T1,T2", help="the teams an admin assigns (replaces the assigned ones)")
+    u.add_argument("--admin-of", dest="admin_of", metavar="T1,T2", help="the teams the user administers")
+    on = u.add_mutually_exclusive_group()
+    on.add_argument("--enable", action="store_true")
+    on.add_argument("--disable", action="store_true")
+    u.add_argument("--json", action="store_true", help="print the user as JSON")
+    users.set_defaults(func=cmd_users)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -513,6 +730,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--monthly-tokens", dest="monthly_tokens", type=int)
     c.add_argument("--expires", help="lifetime such as 30d, 12h")
     c.add_argument("--allow-ip", action="append", help="allowed client CIDR range (repeatable)")
+    c.add_argument(
+        "--team", metavar="TEAM", help="the team the key belongs to (id or name): its limits apply too"
+    )
+    c.add_argument("--user", metavar="USER", help="the user the key belongs to (id or email)")
+    c.add_argument(
+        "--trusted-ui",
+        dest="trusted_ui",
+        action="store_true",
+        help="a front-end that names its end user per request (TRUSTED_USER_HEADERS)",
+    )
     c.add_argument("--json", action="store_true", help="print the key as JSON, its secret in 'secret'")
     ls = ks.add_parser("list", help="list keys")
     ls.add_argument("--owner")
@@ -521,11 +748,18 @@ def build_parser() -> argparse.ArgumentParser:
         d = ks.add_parser(name, help=f"{name} a key")
         d.add_argument("key_id")
     keys.set_defaults(func=cmd_keys)
+    _org_parsers(sub)
 
     p = sub.add_parser("usage", help="token and request totals from the request log")
     p.add_argument("--since", default="30d", help="how far back (e.g. 7d, 24h); default 30d")
-    p.add_argument("--group-by", default="key,model", help="comma list of key, model, day, user, backend")
+    p.add_argument(
+        "--group-by",
+        default="key,model",
+        help="comma list of key, model, day, user (the body's user field), backend, user_id, team",
+    )
     p.add_argument("--key", metavar="KEY", help="only this key (its id, or its name)")
+    p.add_argument("--team", metavar="TEAM", help="only this team (its id, or its name)")
+    p.add_argument("--user", metavar="USER", help="only this user (its id, email or subject)")
     p.add_argument("--model", help="only this model")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_usage)

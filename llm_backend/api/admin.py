@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -104,6 +105,8 @@ async def get_usage(
     key_id: str | None = None,
     model: str | None = None,
     client_request_id: str | None = None,
+    team_id: str | None = None,
+    user_id: str | None = None,
 ) -> Response:
     res = _require_admin()
     from llm_backend.services.usage import usage_report
@@ -112,7 +115,18 @@ async def get_usage(
     groups = [g.strip() for g in group_by.split(",") if g.strip()]
     try:
         rows = await asyncio.to_thread(
-            usage_report, res.engine, start, end, groups, key_id, model, client_request_id
+            functools.partial(
+                usage_report,
+                res.engine,
+                start,
+                end,
+                groups,
+                key_id,
+                model,
+                client_request_id,
+                user_id=user_id,
+                team_id=team_id,
+            )
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="group_by") from None
@@ -147,3 +161,66 @@ async def list_requests(
 async def list_backends() -> Response:
     res = _require_admin(needs_keys=False)
     return json_response({"object": "list", "data": res.router.snapshot()})
+
+
+# -- teams and users -------------------------------------------------------------------------------------
+
+
+def _require_org() -> Any:
+    res = _require_admin()
+    if res.org is None:
+        raise PermissionDenied("No database is configured for teams and users.", code="admin_disabled")
+    return res
+
+
+def _org_changed(res: Any) -> None:
+    """A team or user changed: this worker's cached keys and members are looked up again at next use."""
+    res.authenticator.invalidate()
+    if res.members is not None:
+        res.members.invalidate()
+
+
+async def list_teams() -> Response:
+    res = _require_org()
+    return json_response({"object": "list", "data": await asyncio.to_thread(res.org.list_teams)})
+
+
+async def create_team() -> Response:
+    res = _require_org()
+    return json_response(await asyncio.to_thread(res.org.create_team, body()), 201)
+
+
+async def get_team(team_id: str) -> Response:
+    res = _require_org()
+    return json_response(await asyncio.to_thread(res.org.get_team, team_id))
+
+
+async def update_team(team_id: str) -> Response:
+    res = _require_org()
+    info = await asyncio.to_thread(res.org.update_team, team_id, body())
+    _org_changed(res)
+    return json_response(info)
+
+
+async def delete_team(team_id: str) -> Response:
+    res = _require_org()
+    deleted = await asyncio.to_thread(res.org.delete_team, team_id)
+    _org_changed(res)
+    return json_response({"id": deleted, "object": "team.deleted", "deleted": True})
+
+
+async def list_users(team: str | None = None, q: str | None = None) -> Response:
+    res = _require_org()
+    return json_response({"object": "list", "data": await asyncio.to_thread(res.org.list_users, team, q)})
+
+
+async def get_user(user_id: str) -> Response:
+    res = _require_org()
+    return json_response(await asyncio.to_thread(res.org.get_user, user_id))
+
+
+async def update_user(user_id: str) -> Response:
+    res = _require_org()
+    info = await asyncio.to_thread(res.org.update_user, user_id, body())
+    _org_changed(res)
+    return json_response(info)

@@ -89,6 +89,8 @@ class Conversation(Base):
     # Transcript hash of the exchange this conversation's first record continued but could not find
     # (written later by another worker); the record that has it adopts this conversation.
     parent_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    # the team of the request that started it: the team's admins see it
+    team_id: Mapped[str | None] = mapped_column(sa.String(64))
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -104,6 +106,7 @@ class Conversation(Base):
         sa.Index("ix_conversations_model", "model"),
         sa.Index("ux_conversations_owner_external_id", "owner", "external_id", unique=True),
         sa.Index("ix_conversations_parent_hash", "parent_hash"),
+        sa.Index("ix_conversations_team_id_updated_at", "team_id", "updated_at"),
     )
 
 

@@ -25,7 +25,9 @@ from llm_backend.recording.threading import normalize_message, transcript_hash
 logger = logging.getLogger(__name__)
 
 _REQUEST_LOG_COLUMNS = frozenset(c.name for c in RequestLog.__table__.columns)
-USAGE_GROUPS = ("key", "model", "day", "user", "backend")
+# `user` is what the client wrote in the body's user field; `user_id` and `team` the user and team the
+# request counted for.
+USAGE_GROUPS = ("key", "model", "day", "user", "backend", "user_id", "team")
 
 
 class InvalidCursor(ValueError):
@@ -53,6 +55,8 @@ class UsageRow:
     total_tokens: int
     cached_tokens: int
     reasoning_tokens: int
+    user_id: str | None = None
+    team_id: str | None = None
 
 
 def _request_filters(stmt: Any, since: datetime, until: datetime, **equal: str | None) -> Any:
@@ -146,6 +150,8 @@ class RequestLogRepository:
         key_id: str | None = None,
         model: str | None = None,
         client_request_id: str | None = None,
+        user_id: str | None = None,
+        team_id: str | None = None,
     ) -> list[UsageRow]:
         """Token and request totals over [since, until), grouped by any of key/model/day/user/backend."""
         bad = set(group_by) - set(USAGE_GROUPS)
@@ -157,6 +163,8 @@ class RequestLogRepository:
             "day": self._day_expr(),
             "user": RequestLog.user,
             "backend": RequestLog.backend,
+            "user_id": RequestLog.user_id,
+            "team": RequestLog.team_id,
         }
         keys = [g for g in USAGE_GROUPS if g in group_by]
         labelled = [group_cols[g].label(g) for g in keys]
@@ -176,7 +184,14 @@ class RequestLogRepository:
             total(RequestLog.reasoning_tokens).label("reasoning_tokens"),
         )
         stmt = _request_filters(
-            stmt, since, until, key_id=key_id, model=model, client_request_id=client_request_id
+            stmt,
+            since,
+            until,
+            key_id=key_id,
+            model=model,
+            client_request_id=client_request_id,
+            user_id=user_id,
+            team_id=team_id,
         )
         if keys:
             stmt = stmt.group_by(*[group_cols[g] for g in keys]).order_by(*[group_cols[g] for g in keys])
@@ -189,6 +204,8 @@ class RequestLogRepository:
                     day=row.get("day"),
                     user=row.get("user"),
                     backend=row.get("backend"),
+                    user_id=row.get("user_id"),
+                    team_id=row.get("team"),
                     requests=int(row["requests"]),
                     errors=int(row["errors"]),
                     estimated=int(row["estimated"]),
@@ -259,12 +276,14 @@ class ConversationRepository:
         created_at: datetime | None = None,
         external_id: str | None = None,
         parent_hash: str | None = None,
+        team_id: str | None = None,
     ) -> Conversation:
         when = _aware(created_at) if created_at else utcnow()
         conv = Conversation(
             id=conversation_id or new_uuid7(),
             title=title,
             owner=owner,
+            team_id=team_id,
             model=model,
             system_prompt=system_prompt,
             external_id=external_id,
@@ -281,13 +300,23 @@ class ConversationRepository:
         self.session.flush()
         return conv
 
-    def _owned(self, stmt: Any, owner: str | None) -> Any:
-        return stmt if owner is None else stmt.where(Conversation.owner == owner)
+    def _owned(self, stmt: Any, owner: str | None, teams: Sequence[str] = ()) -> Any:
+        """`stmt` confined to `owner`'s conversations and those of `teams` (None owner: no confinement)."""
+        if owner is None:
+            return stmt
+        if teams:
+            return stmt.where(sa.or_(Conversation.owner == owner, Conversation.team_id.in_(list(teams))))
+        return stmt.where(Conversation.owner == owner)
 
     def get(
-        self, conversation_id: str, *, owner: str | None = None, with_messages: bool = True
+        self,
+        conversation_id: str,
+        *,
+        owner: str | None = None,
+        with_messages: bool = True,
+        teams: Sequence[str] = (),
     ) -> Conversation | None:
-        stmt = self._owned(sa.select(Conversation).where(Conversation.id == conversation_id), owner)
+        stmt = self._owned(sa.select(Conversation).where(Conversation.id == conversation_id), owner, teams)
         if with_messages:
             stmt = stmt.options(selectinload(Conversation.messages))
         return self.session.scalars(stmt).first()
@@ -316,13 +345,14 @@ class ConversationRepository:
         q: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
+        teams: Sequence[str] = (),
     ) -> ConversationPage:
         """Conversations by (updated_at, id) descending; `q` searches titles case-insensitively.
 
         `model` is a name or several (a model and its aliases): a conversation recorded under any matches.
         """
         limit = max(1, min(int(limit), 1000))
-        stmt = self._owned(sa.select(Conversation), owner)
+        stmt = self._owned(sa.select(Conversation), owner, teams)
         if isinstance(model, str):
             stmt = stmt.where(Conversation.model == model)
         elif model is not None:
@@ -350,8 +380,10 @@ class ConversationRepository:
             next_cursor = encode_cursor(items[-1].updated_at, items[-1].id)
         return ConversationPage(items=items, next_cursor=next_cursor)
 
-    def rename(self, conversation_id: str, title: str, *, owner: str | None = None) -> Conversation | None:
-        conv = self.get(conversation_id, owner=owner, with_messages=False)
+    def rename(
+        self, conversation_id: str, title: str, *, owner: str | None = None, teams: Sequence[str] = ()
+    ) -> Conversation | None:
+        conv = self.get(conversation_id, owner=owner, with_messages=False, teams=teams)
         if conv is None:
             return None
         conv.title = title
@@ -359,9 +391,9 @@ class ConversationRepository:
         self.session.flush()
         return conv
 
-    def delete(self, conversation_id: str, *, owner: str | None = None) -> bool:
+    def delete(self, conversation_id: str, *, owner: str | None = None, teams: Sequence[str] = ()) -> bool:
         """Delete a conversation and (by cascade) its messages; False when there was none."""
-        stmt = self._owned(sa.delete(Conversation).where(Conversation.id == conversation_id), owner)
+        stmt = self._owned(sa.delete(Conversation).where(Conversation.id == conversation_id), owner, teams)
         result = self.session.execute(stmt.execution_options(synchronize_session=False))
         self.session.expire_all()
         return bool(getattr(result, "rowcount", 0))

@@ -66,8 +66,12 @@ class RequestRecord:
     # Conversation content; None when RECORD_CONTENT=false or the operation has no messages.
     request_messages: list[dict[str, Any]] | None = None
     response_message: dict[str, Any] | None = None
-    # whose conversations this threads into when not its key's (a caller signed in with an OIDC token)
-    owner: str | None = None
+
+
+def record_owner(record: RequestRecord) -> str | None:
+    """Who owns the conversation a record threads into: its user when it has one (users of one shared
+    front-end key never thread into each other's conversations), else its key."""
+    return record.user_id or record.key_id
 
 
 _TEXT_FIELDS = tuple(

@@ -19,7 +19,7 @@ from llm_backend.db.ids import new_uuid7
 from llm_backend.db.models import Conversation, Message, RequestLog
 from llm_backend.db.repositories import ConversationRepository, RequestLogRepository
 from llm_backend.db.session import SQLITE_BEGIN_IMMEDIATE
-from llm_backend.recording.records import RequestRecord, Usage, storable_record
+from llm_backend.recording.records import RequestRecord, Usage, record_owner, storable_record
 from llm_backend.recording.threading import (
     continuation_prefix_lengths,
     helper_title,
@@ -45,11 +45,6 @@ _USAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(Usage))
 
 # ---------------------------------------------------------------------------------------------------------
 # Records as JSON lines (the spill file) and as request_log rows
-
-
-def _owner_of(record: RequestRecord) -> str | None:
-    """Whose conversations a record threads into: its caller's (key, or signed-in user)."""
-    return record.owner if record.owner is not None else record.key_id
 
 
 def record_to_json(record: RequestRecord) -> str:
@@ -217,7 +212,7 @@ def _thread_helper(
     it got back becomes the conversation's title, as the UI shows it. Unnamed, it is a request without a
     conversation: which chat it quotes cannot be told for sure, and guessing would misfile it.
     """
-    owner = _owner_of(record)
+    owner = record_owner(record)
     conv: Conversation | None = None
     explicit = record.conversation_id
     if explicit and len(explicit) <= _CONVERSATION_ID_MAX:
@@ -229,6 +224,7 @@ def _thread_helper(
         if conv is None:
             conv = repo.create(
                 owner=owner,
+                team_id=record.team_id,
                 model=record.model or record.model_requested,
                 created_at=record.created_at,
                 external_id=record.external_conversation_id,
@@ -260,11 +256,12 @@ def thread_record(repo: ConversationRepository, record: RequestRecord) -> str | 
     if is_helper_request(messages):
         return _thread_helper(repo, record, messages, reply)
     append_kwargs = _exchange_kwargs(record)
-    owner = _owner_of(record)
+    owner = record_owner(record)
     model = record.model or record.model_requested
     new_conversation: dict[str, Any] = {
         "title": title_from_messages(messages),
         "owner": owner,
+        "team_id": record.team_id,
         "model": model,
         "created_at": record.created_at,
         "system_prompt": system_prompt_of(messages),
@@ -426,10 +423,11 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
                     )
 
     touched: dict[str, _Conv] = {}
+    teams: dict[str, str | None] = {}  # the team of each conversation created here
     message_rows: list[dict[str, Any]] = []
     result: dict[str, str] = {}
     for record, messages, reply, candidates in prepared:
-        owner = _owner_of(record)
+        owner = record_owner(record)
         finished = record.created_at + timedelta(milliseconds=max(record.latency_ms, 0.0))
         conv: _Conv | None = None
         start = 0
@@ -451,6 +449,7 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
                 model=record.model or record.model_requested,
                 created_at=record.created_at,
             )
+            teams[conv.id] = record.team_id
         new_messages = [*messages[start:], reply]
         for offset, msg in enumerate(new_messages):
             message_rows.append(
@@ -489,6 +488,7 @@ def _thread_batch(session: Session, records: Sequence[RequestRecord]) -> dict[st
                     "id": c.id,
                     "title": _clip_to(table.c.title, c.title),
                     "owner": c.owner,
+                    "team_id": teams.get(c.id),
                     "model": _clip_to(table.c.model, c.model),
                     "system_prompt": c.system_prompt,
                     "parent_hash": c.parent_hash,
@@ -560,7 +560,7 @@ def _serialize_threading(session: Session, records: Sequence[RequestRecord]) -> 
     """
     if session.get_bind().dialect.name != "postgresql":
         return
-    for key in sorted({_lock_key(_owner_of(r)) for r in records}):
+    for key in sorted({_lock_key(record_owner(r)) for r in records}):
         session.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 

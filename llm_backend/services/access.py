@@ -51,7 +51,7 @@ TOUCH_EVERY = 60.0
 CACHE_MAX = 10_000  # cached keys per worker
 
 _throttle = LogThrottle(logger, 60.0)
-_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 #: Response header of a 429 naming the level that refused it: key, user or team.
 LEVEL_HEADER = "x-ratelimit-level"
 
@@ -237,7 +237,12 @@ class Authenticator:
                 continue
             raw = headers.get(header)
             if raw:
-                value = _NOT_PRINTABLE.sub("", raw).strip()[:255]
+                # header bytes arrive as latin-1; front-ends send UTF-8 (names with accents)
+                try:
+                    raw = raw.encode("latin-1").decode("utf-8")
+                except (UnicodeEncodeError, UnicodeDecodeError):
+                    pass
+                value = _CONTROL.sub("", raw).strip()[:255]
                 if value:
                     out[field] = value
         return out

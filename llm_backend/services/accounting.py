@@ -178,7 +178,6 @@ class Accountant:
             "model_requested": flight.requested,
             "latency_ms": (time.perf_counter() - caller.started) * 1000,
             "key_id": caller.key_id,
-            "owner": caller.owner,
             "user": user if isinstance(user, str) else None,
             "user_id": caller.user_id,
             "team_id": caller.team_id,

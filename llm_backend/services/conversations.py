@@ -136,8 +136,15 @@ class ConversationService:
 
     @staticmethod
     def owner_filter(caller: Caller) -> str | None:
-        """The owner a caller is confined to: its key; None (all) for the admin or when auth is off."""
-        return None if caller.is_admin else caller.owner
+        """The owner a caller is confined to: its user (a user sees only their own conversations, from
+        whichever key or front-end), else its key; None (all) for the admin or when auth is off."""
+        return None if caller.is_admin else caller.user_id or caller.key_id
+
+    @staticmethod
+    def team_filter(caller: Caller) -> tuple[str, ...]:
+        """The teams whose conversations a caller sees besides its own: those it administers."""
+        member = caller.member
+        return tuple(sorted(member.admin_of)) if member is not None and not caller.is_admin else ()
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return asyncio.to_thread(fn, *args, **kwargs)
@@ -153,7 +160,8 @@ class ConversationService:
             with session_scope(self.engine, write=True) as session:
                 conv = ConversationRepository(session).create(
                     title=data.get("title"),
-                    owner=caller.owner,
+                    owner=caller.user_id or caller.key_id,
+                    team_id=caller.team_id,
                     model=model,
                     system_prompt=data.get("system_prompt"),
                 )
@@ -175,6 +183,7 @@ class ConversationService:
 
     async def list_conversations(self, caller: Caller, params: Mapping[str, Any]) -> dict[str, Any]:
         owner = self.owner_filter(caller)
+        teams = self.team_filter(caller)
         if owner is None and params.get("owner"):
             owner = params["owner"]
         models = self.model_names(params.get("model"))
@@ -190,6 +199,7 @@ class ConversationService:
                         q=params.get("q"),
                         limit=int(params.get("limit") or 20),
                         cursor=params.get("cursor"),
+                        teams=teams,
                     )
                 except InvalidCursor:
                     raise InvalidRequest("Invalid pagination cursor.", param="cursor") from None
@@ -205,7 +215,9 @@ class ConversationService:
 
     def _get_sync(self, caller: Caller, conversation_id: str) -> dict[str, Any]:
         with session_scope(self.engine) as session:
-            conv = ConversationRepository(session).get(conversation_id, owner=self.owner_filter(caller))
+            conv = ConversationRepository(session).get(
+                conversation_id, owner=self.owner_filter(caller), teams=self.team_filter(caller)
+            )
             if conv is None:
                 raise NotFound(f"No conversation found with id '{conversation_id}'.", param="conversation_id")
             return conversation_json(conv, messages=True)
@@ -218,7 +230,7 @@ class ConversationService:
         def work() -> dict[str, Any]:
             with session_scope(self.engine, write=True) as session:
                 conv = ConversationRepository(session).rename(
-                    conversation_id, title, owner=self.owner_filter(caller)
+                    conversation_id, title, owner=self.owner_filter(caller), teams=self.team_filter(caller)
                 )
                 if conv is None:
                     raise NotFound(
@@ -233,7 +245,7 @@ class ConversationService:
         def work() -> None:
             with session_scope(self.engine, write=True) as session:
                 if not ConversationRepository(session).delete(
-                    conversation_id, owner=self.owner_filter(caller)
+                    conversation_id, owner=self.owner_filter(caller), teams=self.team_filter(caller)
                 ):
                     raise NotFound(
                         f"No conversation found with id '{conversation_id}'.", param="conversation_id"

@@ -69,11 +69,10 @@ class Caller:
 
     @property
     def owner(self) -> str | None:
-        """Whose conversations and stored responses the caller's are: its key's, else its user's."""
-        if self.key_id is not None:
-            return self.key_id
-        if self.user_id is not None:
-            return f"user:{self.user_id}"
+        """Whose stored responses (and conversations) the caller's are: its user's, else its key's; a token's
+        subject where no database knows users."""
+        if self.user_id is not None or self.key_id is not None:
+            return self.user_id or self.key_id
         if self.identity is not None:
             return f"oidc:{_subject_digest(self.identity.issuer, self.identity.subject)}"
         return None

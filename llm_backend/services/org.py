@@ -157,7 +157,7 @@ _USER_FIELDS = frozenset(
     {"email", "name", "enabled", "models", "teams", "admin_of", *_LIMIT_INTS, *_LIMIT_MONEY}
 )
 INT_MAX = 2**53  # exact in a double (Lua) and in JSON
-SPEND_MAX = 1e12
+SPEND_MAX = 1e9  # millionths of it stay exact in a double
 
 
 def _text_list(data: Mapping[str, Any], field: str, *, what: str) -> list[str] | None:

@@ -7,7 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from llm_backend.db.repositories import ApiKeyRepository, RequestLogRepository
+from llm_backend.db.repositories import (
+    ApiKeyRepository,
+    RequestLogRepository,
+    TeamRepository,
+    UserRepository,
+)
 from llm_backend.db.session import session_scope
 
 
@@ -19,8 +24,12 @@ def usage_report(
     key_id: str | None = None,
     model: str | None = None,
     client_request_id: str | None = None,
+    *,
+    user_id: str | None = None,
+    team_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Usage rows as dicts; grouped by key, each row names its key (`key_name`, None once deleted)."""
+    """Usage rows as dicts; grouped by key, each row names its key (`key_name`, None once deleted), by
+    team its team (`team_name`), by user_id its user (`user_email`)."""
     with session_scope(engine) as session:
         rows = RequestLogRepository(session).usage_summary(
             since=since,
@@ -29,14 +38,27 @@ def usage_report(
             key_id=key_id,
             model=model,
             client_request_id=client_request_id,
+            user_id=user_id,
+            team_id=team_id,
         )
-        if "key" not in group_by:
-            return [dataclasses.asdict(r) for r in rows]
-        names = {k.id: k.name for k in ApiKeyRepository(session).list()}  # keys are few; one query
+        names = {k.id: k.name for k in ApiKeyRepository(session).list()} if "key" in group_by else {}
+        teams = {t.id: t.name for t in TeamRepository(session).list()} if "team" in group_by else {}
+        wanted = {r.user_id for r in rows if r.user_id} if "user_id" in group_by else set()
+        emails = {u.id: u.email for u in (UserRepository(session).get(i) for i in wanted) if u is not None}
     out = []
     for r in rows:
         row = dataclasses.asdict(r)
-        out.append({"key_id": r.key_id, "key_name": names.get(r.key_id) if r.key_id else None, **row})
+        if "user_id" not in group_by:
+            row.pop("user_id")
+        if "team" not in group_by:
+            row.pop("team_id")
+        if "key" in group_by:
+            row = {"key_id": r.key_id, "key_name": names.get(r.key_id) if r.key_id else None, **row}
+        if "team" in group_by:
+            row["team_name"] = teams.get(r.team_id) if r.team_id else None
+        if "user_id" in group_by:
+            row["user_email"] = emails.get(r.user_id) if r.user_id else None
+        out.append(row)
     return out
 
 
@@ -61,6 +83,8 @@ _REQUEST_FIELDS = (
     "ttft_ms",
     "key_id",
     "user",
+    "user_id",
+    "team_id",
     "conversation_id",
 )
 

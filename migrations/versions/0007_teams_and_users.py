@@ -88,9 +88,15 @@ def upgrade() -> None:
         batch.add_column(sa.Column("team_id", sa.String(length=64), nullable=True))
     op.create_index("ix_request_log_user_id_created_at", "request_log", ["user_id", "created_at"])
     op.create_index("ix_request_log_team_id_created_at", "request_log", ["team_id", "created_at"])
+    with op.batch_alter_table("conversations") as batch:
+        batch.add_column(sa.Column("team_id", sa.String(length=64), nullable=True))
+    op.create_index("ix_conversations_team_id_updated_at", "conversations", ["team_id", "updated_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_conversations_team_id_updated_at", table_name="conversations")
+    with op.batch_alter_table("conversations") as batch:
+        batch.drop_column("team_id")
     op.drop_index("ix_request_log_team_id_created_at", table_name="request_log")
     op.drop_index("ix_request_log_user_id_created_at", table_name="request_log")
     with op.batch_alter_table("request_log") as batch:
