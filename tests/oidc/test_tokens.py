@@ -12,6 +12,8 @@ import pytest
 
 from llm_backend.app import create_app, load_spec
 from llm_backend.config import Settings
+from llm_backend.db.session import make_engine
+from llm_backend.services.org import OrgStore
 from tests.oidc.conftest import ADMIN_KEY, CHAT, FakeClock, bearer
 from tests.oidc.support import (
     APP_ID,
@@ -142,6 +144,7 @@ def test_bad_tokens_are_refused_and_not_recorded(
     # signature and payload never appear in the logs either
     assert token.split(".")[1] not in caplog.text
     assert rows == [], "a refused token is recorded as nobody's request"
+    assert OrgStore(make_engine(settings.database_url)).list_users() == [], "nor becomes a user"
 
 
 def _header(header: dict[str, Any]) -> str:
