@@ -169,7 +169,9 @@ def _spec_text(path: str) -> str:
 
 def load_spec(settings: Settings) -> dict[str, Any]:
     """The spec as a dict; with LLM_BACKEND_AUTH=none the security requirements become optional."""
-    spec: dict[str, Any] = yaml.safe_load(_spec_text(str(SPEC_DIR / "openapi.yaml")))
+    from llm_backend.api.security import apply_oidc
+
+    spec: dict[str, Any] = apply_oidc(yaml.safe_load(_spec_text(str(SPEC_DIR / "openapi.yaml"))), settings)
     if settings.auth == "none":
         spec = copy.deepcopy(spec)
         # the admin routes keep requiring the admin key
@@ -209,8 +211,11 @@ def create_app(settings: Settings | None = None) -> AsyncApp:
     app = AsyncApp(
         __name__, lifespan=lifespan_for(settings), specification_dir=str(SPEC_DIR), middlewares=middlewares
     )
+    from llm_backend.api.security import SECURITY_MAP
+
     app.add_api(
         load_spec(settings),
+        security_map=SECURITY_MAP,
         strict_validation=False,
         validate_responses=False,
         pythonic_params=False,

@@ -232,10 +232,12 @@ class Settings:
     # Request headers that name the conversation, first present wins: X-Conversation-Id is our own id,
     # any other (Open WebUI's chat id, a LibreChat `headers:` entry) is the client's chat id, per key.
     conversation_id_headers: tuple[str, ...] = ("X-Conversation-Id", "X-OpenWebUI-Chat-Id")
-    console_session_ttl_s: float = 12 * 3600.0  # how long a console sign-in lasts (CONSOLE_SESSION_TTL)
     # Headers a key marked trusted_ui names its end user with: (field, header) pairs, field one of id,
     # email, name, role; of several headers for one field the first present wins (TRUSTED_USER_HEADERS).
     trusted_user_headers: tuple[tuple[str, str], ...] = DEFAULT_TRUSTED_USER_HEADERS
+    # sign-in with an OIDC provider (Entra ID or any other): access tokens on the API, the console's login
+    oidc: OidcSettings = field(default_factory=lambda: OidcSettings())
+    console_session_ttl_s: float = 12 * 3600.0  # how long a console sign-in lasts (CONSOLE_SESSION_TTL)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -281,6 +283,7 @@ class Settings:
             ),
             trusted_user_headers=trusted_user_headers(env.get("TRUSTED_USER_HEADERS")),
             web_concurrency=_int(env, "WEB_CONCURRENCY", min(os.cpu_count() or 1, 4)),  # as gunicorn.conf.py
+            oidc=oidc_settings_from_env(env),
             console_session_ttl_s=_session_ttl(env, "CONSOLE_SESSION_TTL", 12 * 3600.0),
         )
 
@@ -935,3 +938,120 @@ def _check_unique(models: Sequence[tuple[str, ModelConfig]], p: _Problems) -> No
                 )
             else:
                 seen[n] = place
+
+
+# -- OIDC sign-in --------------------------------------------------------------------------------------
+
+#: Asymmetric signature algorithms only: `none` and the HMAC ones (HS*) are never accepted, since a
+#: server that verifies HS256 with a published key accepts tokens anyone can make.
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+OIDC_DEFAULT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384")
+#: Entra ID's multi-tenant discovery documents (common, organizations) and what they are issued for
+_ENTRA_MULTI_TENANT = re.compile(
+    r"^https://login\.(microsoftonline\.(com|us)|partner\.microsoftonline\.cn)/(common|organizations)(/|$)",
+    re.I,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OidcSettings:
+    """The OIDC provider whose tokens sign callers in (OIDC_* variables); off while `issuer` is None."""
+
+    issuer: str | None = None  # OIDC_ISSUER: discovery is {issuer}/.well-known/openid-configuration
+    audience: tuple[str, ...] = ()  # OIDC_AUDIENCE: accepted `aud` values of access tokens
+    allowed_tenants: tuple[str, ...] = ()  # OIDC_ALLOWED_TENANTS: Entra tenant ids; "*" any (multi-tenant)
+    algorithms: tuple[str, ...] = OIDC_DEFAULT_ALGORITHMS  # OIDC_ALGORITHMS
+    leeway_s: float = 60.0  # OIDC_LEEWAY_S: clock skew allowed on exp, nbf and iat
+    jwks_ttl_s: float = 3600.0  # OIDC_JWKS_TTL_S: keys are fetched again (in the background) this often
+    jwks_min_refresh_s: float = 30.0  # OIDC_JWKS_MIN_REFRESH_S: at most one refetch per this for unknown kids
+    http_timeout_s: float = 5.0  # OIDC_HTTP_TIMEOUT_S: each call to the provider (discovery, keys, token)
+    # the console's sign-in (authorization code + PKCE)
+    client_id: str | None = None  # OIDC_CLIENT_ID
+    client_secret: str | None = field(default=None, repr=False)  # OIDC_CLIENT_SECRET (confidential clients)
+    redirect_url: str | None = None  # OIDC_REDIRECT_URL; default: derived from the request
+    scopes: tuple[str, ...] = ("openid", "profile", "email")  # OIDC_SCOPES
+    admin_groups: tuple[str, ...] = ()  # OIDC_ADMIN_GROUPS: members may use the console as admins
+    admin_roles: tuple[str, ...] = ()  # OIDC_ADMIN_ROLES: holders (Entra app roles) likewise
+
+    @property
+    def enabled(self) -> bool:
+        return self.issuer is not None
+
+    @property
+    def console_enabled(self) -> bool:
+        return self.issuer is not None and self.client_id is not None
+
+
+def oidc_settings_from_env(env: Mapping[str, str]) -> OidcSettings:
+    issuer = (env.get("OIDC_ISSUER") or "").strip() or None
+    problems: list[str] = []
+    if issuer is not None and not _is_https_or_local(issuer):
+        problems.append(
+            f"environment: OIDC_ISSUER={issuer!r} is not an https URL (plain http only for localhost)"
+        )
+    client_id = (env.get("OIDC_CLIENT_ID") or "").strip() or None
+    # an access token for the console's own app registration (Entra v2: scope {client id}/.default) has
+    # the client id as its audience
+    audience = tuple(_split(env.get("OIDC_AUDIENCE", ""))) or ((client_id,) if client_id else ())
+    if issuer is not None and not audience:
+        problems.append(
+            "environment: OIDC_ISSUER is set but OIDC_AUDIENCE is not; set it to the application ID URI and/or "
+            "client id your tokens are issued for (e.g. api://llm-backend), or any token of the issuer would do"
+        )
+    algorithms = tuple(_split(env.get("OIDC_ALGORITHMS", ""))) or OIDC_DEFAULT_ALGORITHMS
+    by_upper = {a.upper(): a for a in OIDC_ALGORITHMS}
+    bad = [a for a in algorithms if a.upper() not in by_upper]
+    if bad:
+        problems.append(
+            f"environment: OIDC_ALGORITHMS has {', '.join(bad)}; allowed are {', '.join(OIDC_ALGORITHMS)} "
+            "(never none or HS*)"
+        )
+    algorithms = tuple(by_upper[a.upper()] for a in algorithms if a.upper() in by_upper)
+    tenants = tuple(t.lower() for t in _split(env.get("OIDC_ALLOWED_TENANTS", "")))
+    if issuer is not None and _ENTRA_MULTI_TENANT.match(issuer) and not tenants:
+        problems.append(
+            f"environment: OIDC_ISSUER={issuer!r} accepts every Entra ID tenant; list the ones to accept in "
+            "OIDC_ALLOWED_TENANTS (tenant ids, or * for any)"
+        )
+    redirect = (env.get("OIDC_REDIRECT_URL") or "").strip() or None
+    if redirect is not None and not _is_https_or_local(redirect):
+        problems.append(f"environment: OIDC_REDIRECT_URL={redirect!r} is not an https URL")
+    if problems:
+        raise ConfigError(*problems)
+    return OidcSettings(
+        issuer=issuer.rstrip("/") if issuer else None,
+        audience=audience,
+        allowed_tenants=tenants,
+        algorithms=algorithms,
+        leeway_s=_non_negative(env, "OIDC_LEEWAY_S", 60.0),
+        jwks_ttl_s=_seconds(env, "OIDC_JWKS_TTL_S", 3600.0),
+        jwks_min_refresh_s=_seconds(env, "OIDC_JWKS_MIN_REFRESH_S", 30.0),
+        http_timeout_s=_seconds(env, "OIDC_HTTP_TIMEOUT_S", 5.0),
+        client_id=client_id,
+        client_secret=env.get("OIDC_CLIENT_SECRET") or None,
+        redirect_url=redirect,
+        scopes=tuple(_split(env.get("OIDC_SCOPES", "").replace(" ", ","))) or ("openid", "profile", "email"),
+        admin_groups=tuple(_split(env.get("OIDC_ADMIN_GROUPS", ""))),
+        admin_roles=tuple(_split(env.get("OIDC_ADMIN_ROLES", ""))),
+    )
+
+
+def _is_https_or_local(url: str) -> bool:
+    lowered = url.lower()
+    if lowered.startswith("https://"):
+        return len(lowered) > len("https://")
+    host = lowered.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    return lowered.startswith("http://") and host in ("localhost", "127.0.0.1", "::1")
+
+
+def _non_negative(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"environment: {name}={raw!r} is not a number of seconds (0 or more)")
+    return value

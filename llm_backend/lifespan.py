@@ -60,6 +60,8 @@ class Resources:
     console_sessions: Any = None  # llm_backend.services.sessions.ConsoleSessions
     limiter: Any = None
     tracer: Any = None  # llm_backend.tracing.otel.Tracer when tracing is on
+    oidc: Any = None  # llm_backend.services.oidc.OidcAuthenticator when OIDC_ISSUER is set
+    oidc_provider: Any = None
     metrics: Metrics = field(default_factory=Metrics)
     recorded_routes: frozenset[str] = frozenset()  # route templates of the model calls (POST /v1/…)
     extra_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = field(default_factory=list)
@@ -176,6 +178,9 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
     from llm_backend.services.conversations import ConversationService
 
     await setup_access(settings, resources, stack)
+    from llm_backend.services.oidc import setup_oidc
+
+    await setup_oidc(settings, resources, stack)
     resources.conversations = ConversationService(resources.engine, resources.proxy)
     from llm_backend.services.affinity import ResponseOwners
     from llm_backend.services.dbguard import DatabaseGuard

@@ -228,6 +228,7 @@ async def _login_page(target: str | None, message: str | None = None, status: in
             next=_safe_next(target),
             message=message,
             enabled=bool(res.settings.admin_key),
+            oidc=res.settings.oidc.console_enabled,
         ),
         status,
     )

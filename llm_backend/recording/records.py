@@ -57,7 +57,7 @@ class RequestRecord:
     latency_ms: float = 0.0
     ttft_ms: float | None = None  # time to first token (streams)
     key_id: str | None = None
-    user: str | None = None  # the request body's "user" field
+    user: str | None = None  # the signed-in caller's subject, else the request body's "user" field
     user_id: str | None = None  # the user the request counted for (users.id)
     team_id: str | None = None  # the team it counted for (teams.id)
     client_ip: str | None = None

@@ -198,7 +198,8 @@ class Accountant:
         """The fields every record has, whatever became of the request."""
         caller = flight.caller
         caller.recorded = True
-        user = flight.body.get("user")
+        # a signed-in caller is its token's subject, whatever the body says
+        user = caller.identity.subject if caller.identity is not None else flight.body.get("user")
         return {
             "request_id": caller.request_id,
             "created_at": caller.created_at,

@@ -68,6 +68,23 @@ class Caller:
     # tracing (both None unless it is on): the client's trace-context headers, and the request's span
     trace_context: dict[str, str] | None = None
     trace: Any = None  # llm_backend.tracing.otel.RequestSpan, from the first upstream attempt to the record
+    identity: Any = None  # llm_backend.services.oidc.Identity of a caller signed in with an OIDC token
+
+    @property
+    def owner(self) -> str | None:
+        """Whose stored responses (and conversations) the caller's are: its user's, else its key's; a token's
+        subject where no database knows users."""
+        if self.user_id is not None or self.key_id is not None:
+            return self.user_id or self.key_id
+        if self.identity is not None:
+            return f"oidc:{_subject_digest(self.identity.issuer, self.identity.subject)}"
+        return None
+
+
+def _subject_digest(issuer: str, subject: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{issuer}|{subject}".encode()).hexdigest()[:40]
 
 
 @dataclass(slots=True)

@@ -43,7 +43,7 @@ class ResponsesService:
         self.owners = owners
 
     def _visible(self, owner: Owner, caller: Caller) -> bool:
-        return caller.is_admin or owner.key_id == caller.key_id
+        return caller.is_admin or owner.key_id == caller.owner
 
     async def _find(self, response_id: str) -> Owner | None:
         try:
@@ -113,7 +113,7 @@ class ResponsesService:
                 response_id,
                 flight.route.name,
                 flight.state.name,
-                flight.caller.key_id,
+                flight.caller.owner,
                 flight.conversation_id,
             )
         )

@@ -29,6 +29,7 @@ TABLES = {
     "teams",
     "users",
     "team_members",
+    "console_sessions",
 }
 
 
