@@ -955,9 +955,9 @@ async def setup_oidc(settings: Any, resources: Any, stack: contextlib.AsyncExitS
     )
     warm = asyncio.get_running_loop().create_task(provider.warm_up())
     stack.push_async_callback(_cancel, warm)
-    resources.metrics.gauge(
-        "llm_backend_oidc_jwks_fetches_total",
-        "Fetches of the OIDC provider's signing keys by this worker (first load, refreshes, unknown key ids).",
+    resources.metrics.sampled_counter(
+        "llm_backend_oidc_jwks_fetches",
+        "Fetches of the OIDC provider's signing keys (first loads, refreshes, unknown key ids).",
         lambda: provider.keys.fetches,
     )
     logger.info(
