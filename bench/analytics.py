@@ -2,17 +2,18 @@
 
 Creates a PostgreSQL database (`llmb_analytics_<random>`) on the server of `--database-url` (default
 BENCH_DATABASE_URL or TEST_DATABASE_URL), migrates it, bulk-loads `--rows` request rows (default 10
-million) spread over `--days` days (default 90) with COPY, builds their rollups with the same statements
-as `llm-backend rollups rebuild`, and then times, `--runs` times each:
+million) spread over `--days` days (default 90), builds their rollups with the same statements as
+`llm-backend rollups rebuild`, and then times, `--runs` times each:
 
-- the console overview's data call (`services.analytics.overview`) for the last 30 days, unfiltered and
-  filtered by a key;
+- the console overview's data call (`services.analytics.overview`) for the last 30 days (unfiltered and
+  filtered by a key), the last 7 days (by the hour) and the last 24 hours;
 - the request log's first page (50 rows) with one filter: a model, a key, an end user, an outcome
-  (errors), a client IP.
+  (errors), a client IP, a backend.
 
 It prints p50 / p95 / max in ms per call (target: p95 at most 200 ms) and drops the database unless
-`--keep`. Loading takes a few minutes on a 2-core machine (the rows are generated in Python and the
-indexes built after the COPY); `--rows 1000000` is a quick look.
+`--keep`. The server generates the rows itself (`INSERT … SELECT … FROM generate_series`, in chunks on
+`--workers` connections), then the indexes are built (two at a time) and the rollups; about ten minutes
+for 10 million rows on a 2-core machine, `--rows 1000000` is a quick look.
 
 Data shape: 40 keys, 400 end users (each on one key, behind one of 150 client IPs), 6 models with two
 backends each, operations chat / embeddings / responses (85 / 10 / 5 %), outcomes ok 95 %, error 4 %
