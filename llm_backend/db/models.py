@@ -351,6 +351,8 @@ _DIMENSION_LENGTHS = {
     "client_ip": 64,
     "team_id": 64,
     "user_id": 64,
+    "facet": 32,
+    "value": 255,
 }
 
 
@@ -374,6 +376,16 @@ def _rollup_table(name: str, dimensions: tuple[str, ...], sums: tuple[str, ...])
 USAGE_HOURLY = _rollup_table("usage_hourly", ROLLUP_DIMENSIONS, ROLLUP_SUMS)
 USAGE_DAILY = _rollup_table("usage_daily", ROLLUP_DIMENSIONS, ROLLUP_SUMS)
 USAGE_CALLERS_DAILY = _rollup_table("usage_callers_daily", CALLER_DIMENSIONS, CALLER_SUMS)
+
+#: Facets of usage_facets_hourly / usage_facets_daily, narrow rollups of the same requests that the
+#: unfiltered overview reads (a few rows per bucket instead of one per combination of all dimensions):
+#: facet "" (value '') holds every request by outcome and error type (the time series and totals),
+#: facet "model" / "key_id" / "backend" the same split by that dimension's value (the breakdowns).
+FACETS = ("", "model", "key_id", "backend")
+#: Dimensions of the facet rollups (the unique key with `bucket`).
+FACET_DIMENSIONS = ("facet", "value", "outcome", "error_type")
+USAGE_FACETS_HOURLY = _rollup_table("usage_facets_hourly", FACET_DIMENSIONS, ROLLUP_SUMS)
+USAGE_FACETS_DAILY = _rollup_table("usage_facets_daily", FACET_DIMENSIONS, ROLLUP_SUMS)
 
 
 # ---------------------------------------------------------------------------------------------------------

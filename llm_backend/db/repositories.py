@@ -23,11 +23,15 @@ from llm_backend.db.ids import new_uuid7
 from llm_backend.db.models import (
     CALLER_DIMENSIONS,
     CALLER_SUMS,
+    FACET_DIMENSIONS,
+    FACETS,
     LATENCY_BOUNDS_MS,
     ROLLUP_DIMENSIONS,
     ROLLUP_SUMS,
     USAGE_CALLERS_DAILY,
     USAGE_DAILY,
+    USAGE_FACETS_DAILY,
+    USAGE_FACETS_HOURLY,
     USAGE_HOURLY,
     ApiKey,
     Conversation,
@@ -253,11 +257,17 @@ class RequestLogRepository:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Rollups (usage_hourly, usage_daily, usage_callers_daily)
+# Rollups (usage_hourly, usage_daily, usage_callers_daily, usage_facets_hourly, usage_facets_daily)
 
 HOUR = "hour"
 DAY = "day"
 _ROLLUP_TABLES: dict[str, sa.Table] = {HOUR: USAGE_HOURLY, DAY: USAGE_DAILY}
+_FACET_TABLES: dict[str, sa.Table] = {HOUR: USAGE_FACETS_HOURLY, DAY: USAGE_FACETS_DAILY}
+_ALL_ROLLUPS = (USAGE_HOURLY, USAGE_DAILY, USAGE_CALLERS_DAILY, USAGE_FACETS_HOURLY, USAGE_FACETS_DAILY)
+# where each facet's value sits in a (bucket, *ROLLUP_DIMENSIONS) key (None: the facet "" of all requests)
+_FACET_AT = {f: (1 + ROLLUP_DIMENSIONS.index(f) if f else None) for f in FACETS}
+_OUTCOME_AT = 1 + ROLLUP_DIMENSIONS.index("outcome")
+_ERROR_AT = 1 + ROLLUP_DIMENSIONS.index("error_type")
 _N_SUMS = len(ROLLUP_SUMS)
 _SUM_INDEX = {name: i for i, name in enumerate(ROLLUP_SUMS)}
 _LAT0 = _SUM_INDEX["latency_b00"]
@@ -350,6 +360,23 @@ def accumulate(rows: Iterable[Mapping[str, Any]]) -> tuple[dict[tuple[Any, ...],
     return hourly, daily, callers
 
 
+def facets(rollup: Mapping[tuple[Any, ...], Sequence[Any]]) -> dict[tuple[Any, ...], list[Any]]:
+    """The facet rollup's increments from the wide one's (`accumulate`'s hourly or daily dict): for each
+    facet of FACETS, the sums by (bucket, facet, value, outcome, error_type)."""
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for key, sums in rollup.items():
+        bucket, outcome, error_type = key[0], key[_OUTCOME_AT], key[_ERROR_AT]
+        for facet, at in _FACET_AT.items():
+            fkey = (bucket, facet, "" if at is None else key[at], outcome, error_type)
+            acc = out.get(fkey)
+            if acc is None:
+                out[fkey] = list(sums)
+            else:
+                for i, v in enumerate(sums):
+                    acc[i] += v
+    return out
+
+
 _UPSERTS: dict[tuple[str, str], Any] = {}
 
 
@@ -386,6 +413,8 @@ class RollupRepository:
             (USAGE_HOURLY, ROLLUP_DIMENSIONS, ROLLUP_SUMS, hourly),
             (USAGE_DAILY, ROLLUP_DIMENSIONS, ROLLUP_SUMS, daily),
             (USAGE_CALLERS_DAILY, CALLER_DIMENSIONS, CALLER_SUMS, callers),
+            (USAGE_FACETS_HOURLY, FACET_DIMENSIONS, ROLLUP_SUMS, facets(hourly)),
+            (USAGE_FACETS_DAILY, FACET_DIMENSIONS, ROLLUP_SUMS, facets(daily)),
         ):
             if not acc:
                 continue
@@ -398,7 +427,10 @@ class RollupRepository:
         conflict with the writers' ROW EXCLUSIVE; SQLite: the write transaction already excludes them)."""
         if self.session.get_bind().dialect.name == "postgresql":
             self.session.execute(
-                sa.text("LOCK TABLE usage_hourly, usage_daily, usage_callers_daily IN EXCLUSIVE MODE")
+                sa.text(
+                    "LOCK TABLE usage_hourly, usage_daily, usage_callers_daily, usage_facets_hourly,"
+                    " usage_facets_daily IN EXCLUSIVE MODE"
+                )
             )
 
     def rebuild(
@@ -406,7 +438,9 @@ class RollupRepository:
     ) -> int:
         """Recompute the rollups of whole UTC days in [since, until) (default: all) from request_log;
         returns the requests they now cover. Run it in a write transaction of its own: it locks the
-        rollups, deletes those buckets and sums the log again with one INSERT … SELECT per table.
+        rollups, deletes those buckets and sums the log again with one INSERT … SELECT per table (the
+        daily and facet rollups from the hourly / daily ones just rebuilt, which hold the same sums in
+        far fewer rows than the log).
 
         With `keep_pruned` the days up to and including the oldest raw row's day are left as they are:
         their raw rows may have been pruned (in part), and the rollups are then all that is left of them.
@@ -426,7 +460,7 @@ class RollupRepository:
             start = max(start, first_whole) if start else first_whole
         if start is not None and end is not None and end <= start:
             return 0
-        for table in (USAGE_HOURLY, USAGE_DAILY, USAGE_CALLERS_DAILY):
+        for table in _ALL_ROLLUPS:
             stmt = sa.delete(table)
             if start is not None:
                 stmt = stmt.where(table.c.bucket >= start)
@@ -439,9 +473,12 @@ class RollupRepository:
             where.append(log.c.created_at >= start)
         if end is not None:
             where.append(log.c.created_at < end)
-        for granularity, table in _ROLLUP_TABLES.items():
-            self.session.execute(_rebuild_rollup(self._dialect(), table, granularity, where))
+        self.session.execute(_rebuild_rollup(self._dialect(), USAGE_HOURLY, HOUR, where))
+        self.session.execute(_rebuild_daily(self._dialect(), start, end))
         self.session.execute(_rebuild_callers(self._dialect(), where))
+        for granularity, table in _FACET_TABLES.items():
+            for facet in FACETS:
+                self.session.execute(_rebuild_facet(table, _ROLLUP_TABLES[granularity], facet, start, end))
         count = sa.select(sa.func.coalesce(sa.func.sum(USAGE_DAILY.c.requests), 0))
         if start is not None:
             count = count.where(USAGE_DAILY.c.bucket >= start)
@@ -456,6 +493,8 @@ class RollupRepository:
             (USAGE_HOURLY, floor_hour(before)),
             (USAGE_DAILY, floor_day(before)),
             (USAGE_CALLERS_DAILY, floor_day(before)),
+            (USAGE_FACETS_HOURLY, floor_hour(before)),
+            (USAGE_FACETS_DAILY, floor_day(before)),
         ):
             result = self.session.execute(sa.delete(table).where(table.c.bucket < cutoff))
             deleted += int(getattr(result, "rowcount", 0) or 0)
@@ -479,6 +518,30 @@ class RollupRepository:
         come back as None where the rollup holds ''."""
         table = _ROLLUP_TABLES[granularity]
         return _grouped(self.session, table, since, until, group_by, sums, equal)
+
+    def facet_totals(
+        self,
+        granularity: str,
+        since: datetime,
+        until: datetime,
+        facet: str,
+        group_by: Sequence[str],
+        *,
+        sums: Sequence[str] = ROLLUP_SUMS,
+    ) -> list[dict[str, Any]]:
+        """`totals` over all requests (no filter) from the facet rollup of `granularity`: grouped by
+        `bucket`, `outcome`, `error_type` and, for a facet other than "", by its dimension (named as in
+        the wide rollup, e.g. "key_id"). The same rows as `totals` gives for that grouping, read from far
+        fewer rollup rows."""
+        if facet not in FACETS:
+            raise ValueError(f"unknown facet {facet!r}")
+        table = _FACET_TABLES[granularity]
+        names = ["value" if g == facet else g for g in group_by]
+        rows = _grouped(self.session, table, since, until, names, sums, {"facet": facet})
+        if facet and facet in group_by:
+            for row in rows:
+                row[facet] = row.pop("value")
+        return rows
 
     def totals_sets(
         self,
@@ -592,8 +655,10 @@ def _grouped(
     return out
 
 
-def _bucket_expr(dialect: str, granularity: str) -> Any:
-    created = RequestLog.__table__.c.created_at
+def _bucket_expr(dialect: str, granularity: str, created: Any = None) -> Any:
+    """The start of the bucket of `granularity` a time column (default: request_log.created_at) falls in."""
+    if created is None:
+        created = RequestLog.__table__.c.created_at
     if dialect == "postgresql":
         utc: Any = sa.literal_column("'UTC'")
         unit: Any = sa.literal_column(
@@ -656,6 +721,45 @@ def _rebuild_rollup(dialect: str, table: sa.Table, granularity: str, where: Sequ
     # in bucket order: a range of buckets then lies on few pages, as the recorder's writes in time order do
     select = select.group_by(bucket, *(dim(d) for d in ROLLUP_DIMENSIONS)).order_by(bucket)
     return sa.insert(table).from_select(["bucket", *ROLLUP_DIMENSIONS, *ROLLUP_SUMS], select)
+
+
+def _rebuild_daily(dialect: str, start: datetime | None, end: datetime | None) -> Any:
+    """INSERT … SELECT of usage_daily's rows over days in [start, end) from usage_hourly's."""
+    hourly = USAGE_HOURLY
+    day = _bucket_expr(dialect, DAY, hourly.c.bucket)
+    select = sa.select(
+        day.label("bucket"),
+        *(hourly.c[d] for d in ROLLUP_DIMENSIONS),
+        *(sa.func.sum(hourly.c[s]).label(s) for s in ROLLUP_SUMS),
+    )
+    if start is not None:
+        select = select.where(hourly.c.bucket >= start)
+    if end is not None:
+        select = select.where(hourly.c.bucket < end)
+    select = select.group_by(day, *(hourly.c[d] for d in ROLLUP_DIMENSIONS)).order_by(day)
+    return sa.insert(USAGE_DAILY).from_select(["bucket", *ROLLUP_DIMENSIONS, *ROLLUP_SUMS], select)
+
+
+def _rebuild_facet(
+    table: sa.Table, wide: sa.Table, facet: str, start: datetime | None, end: datetime | None
+) -> Any:
+    """INSERT … SELECT of one facet's rows over buckets in [start, end) from the wide rollup `wide`."""
+    value: Any = wide.c[facet] if facet else sa.literal_column("''")
+    select = sa.select(
+        wide.c.bucket,
+        sa.literal(facet, sa.String()).label("facet"),
+        value.label("value"),
+        wide.c.outcome,
+        wide.c.error_type,
+        *(sa.func.sum(wide.c[s]).label(s) for s in ROLLUP_SUMS),
+    )
+    if start is not None:
+        select = select.where(wide.c.bucket >= start)
+    if end is not None:
+        select = select.where(wide.c.bucket < end)
+    group = [wide.c.bucket, *([wide.c[facet]] if facet else []), wide.c.outcome, wide.c.error_type]
+    select = select.group_by(*group).order_by(wide.c.bucket)
+    return sa.insert(table).from_select(["bucket", *FACET_DIMENSIONS, *ROLLUP_SUMS], select)
 
 
 def _rebuild_callers(dialect: str, where: Sequence[Any]) -> Any:

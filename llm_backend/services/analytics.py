@@ -1,15 +1,18 @@
 """Usage analytics: the one place the console, /admin/usage and `llm-backend usage` get their numbers from.
 
 Totals and time series come from the rollups the recorder keeps in the same transaction as the request
-log (`usage_hourly`, `usage_daily`, `usage_callers_daily`), never from a scan of the log: they stay fast
-at tens of millions of requests. Rollups have whole-hour buckets (UTC), so a range is widened to whole
+log (`usage_hourly`, `usage_daily`, `usage_callers_daily`, and the narrow `usage_facets_hourly` /
+`usage_facets_daily` an unfiltered overview reads), never from a scan of the log: they stay fast at tens
+of millions of requests. Rollups have whole-hour buckets (UTC), so a range is widened to whole
 hours: `since` rounds down to its hour, `until` up to the next one (`until` already on the hour stays).
 Day buckets (UTC) widen the same way to whole days.
 
 Where each breakdown comes from:
 - model, key, backend, errors by kind, the time series and the latency / TTFT percentiles: the hourly
   rollup for ranges up to `HOURLY_MAX_RANGE`, else the daily one (percentiles are estimated from the
-  fixed histogram buckets of `llm_backend.db.models.LATENCY_BOUNDS_MS`, linearly within a bucket);
+  fixed histogram buckets of `llm_backend.db.models.LATENCY_BOUNDS_MS`, linearly within a bucket); the
+  model / key / backend breakdowns of an hourly range read its whole UTC days from the daily rollup.
+  Without a key / model / backend filter these come from the facet rollups, else from the wide ones;
 - end user (`user`), client IP and top callers: `usage_callers_daily` (per UTC day x key x user x IP),
   over the whole UTC days the range touches; with a model or backend filter (which that table does not
   have) or a range under a day, from the request log itself, at most `RAW_SCAN_LIMIT` newest rows of the
@@ -309,8 +312,9 @@ def _totals(sums: Mapping[str, Any], *, errors: int = 0) -> Totals:
 
 
 def _add(into: dict[str, Any], sums: Mapping[str, Any], names: Sequence[str]) -> None:
+    have, get = into.get, sums.get
     for name in names:
-        into[name] = into.get(name, 0) + (sums.get(name) or 0)
+        into[name] = have(name, 0) + (get(name) or 0)
 
 
 def _error_kind(outcome: str | None, error_type: str | None) -> str:
@@ -348,21 +352,7 @@ def overview(
     filters = {"key_id": key_id, "model": model, "backend": backend}
     with session_scope(engine) as session:
         rollups = RollupRepository(session)
-        # The series, totals and errors by kind with the histograms; then the breakdowns without them,
-        # in one scan on PostgreSQL (grouping sets): aggregates are most of the cost, so each set gets
-        # only the sums it shows.
-        by_bucket = rollups.totals(
-            granularity, start, end, ["bucket", "outcome", "error_type"], sums=_HISTOGRAM_SUMS, **filters
-        )
-        by_model, by_key, by_backend = rollups.totals_sets(
-            granularity,
-            start,
-            end,
-            [["model", "outcome"], ["key_id", "outcome"], ["backend", "outcome"]],
-            sums=_SCALAR_SUMS,
-            **filters,
-        )
-        dims = {"model": by_model, "key": by_key, "backend": by_backend}
+        by_bucket, dims = _rollup_sums(rollups, granularity, start, end, filters, narrow=_NARROW)
         callers_since, callers_until = start, end
         if model is None and backend is None and end - start >= timedelta(days=1):
             callers_since, callers_until = aligned_range(start, end, DAY)
@@ -387,7 +377,6 @@ def overview(
     for row in by_bucket:
         bucket = row["bucket"]
         _add(series.setdefault(bucket, {}), row, _HISTOGRAM_SUMS)
-        _add(overall, row, _HISTOGRAM_SUMS)
         if row["outcome"] != "ok":
             n = int(row["requests"])
             kind = _error_kind(row["outcome"], row["error_type"])
@@ -396,6 +385,8 @@ def overview(
             per[kind] = per.get(kind, 0) + n
             point_errors[bucket] = point_errors.get(bucket, 0) + n
             errors_total += n
+    for sums in series.values():
+        _add(overall, sums, _HISTOGRAM_SUMS)
     step = timedelta(hours=1) if granularity == HOUR else timedelta(days=1)
     points = []
     at = start
@@ -449,6 +440,68 @@ def overview(
         callers_until=callers_until,
         callers_complete=complete,
     )
+
+
+#: Whether an unfiltered overview reads the facet rollups (False: the wide ones, as filtered ones do; the
+#: same numbers, which the tests check by reading both).
+_NARROW = True
+
+
+def _spans(granularity: str, start: datetime, end: datetime) -> list[tuple[str, datetime, datetime]]:
+    """[start, end) as rollup reads for sums that need no bucket: the whole UTC days inside an hourly
+    range from the daily rollup (one row per day instead of 24), its partial days by the hour."""
+    if granularity == DAY:
+        return [(DAY, start, end)]
+    first, last = ceil_day(start), floor_day(end)
+    if last <= first:
+        return [(HOUR, start, end)]
+    spans = [(DAY, first, last)]
+    if start < first:
+        spans.append((HOUR, start, first))
+    if last < end:
+        spans.append((HOUR, last, end))
+    return spans
+
+
+def _rollup_sums(
+    rollups: RollupRepository,
+    granularity: str,
+    start: datetime,
+    end: datetime,
+    filters: dict[str, str | None],
+    *,
+    narrow: bool,
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The series rows (by bucket, outcome and error type, with the histograms) and the model / key /
+    backend breakdown rows (by value and outcome, scalar sums; several rows per value when read in
+    spans) of an overview. Unfiltered (and `narrow`) from the facet rollups, a few rows per bucket;
+    filtered from the wide ones, the breakdowns in one scan per span on PostgreSQL (grouping sets)."""
+    spans = _spans(granularity, start, end)
+    dims: dict[str, list[dict[str, Any]]] = {"model": [], "key": [], "backend": []}
+    if narrow and all(v is None for v in filters.values()):
+        by_bucket = rollups.facet_totals(
+            granularity, start, end, "", ["bucket", "outcome", "error_type"], sums=_HISTOGRAM_SUMS
+        )
+        for name, column in (("model", "model"), ("key", "key_id"), ("backend", "backend")):
+            for span in spans:
+                dims[name] += rollups.facet_totals(*span, column, [column, "outcome"], sums=_SCALAR_SUMS)
+        return by_bucket, dims
+    by_bucket = rollups.totals(
+        granularity, start, end, ["bucket", "outcome", "error_type"], sums=_HISTOGRAM_SUMS, **filters
+    )
+    for span_granularity, span_start, span_end in spans:
+        by_model, by_key, by_backend = rollups.totals_sets(
+            span_granularity,
+            span_start,
+            span_end,
+            [["model", "outcome"], ["key_id", "outcome"], ["backend", "outcome"]],
+            sums=_SCALAR_SUMS,
+            **filters,
+        )
+        dims["model"] += by_model
+        dims["key"] += by_key
+        dims["backend"] += by_backend
+    return by_bucket, dims
 
 
 def _key_names(session: Any, key_ids: set[str | None]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Usage rollups (hourly, daily, callers per day) kept by the recorder, backfilled from the request log;
+"""Usage rollups (hourly, daily, callers per day, facets hourly and daily) kept by the recorder, backfilled from the request log;
 indexes for the request log page's filters.
 
 Revision ID: 0007
@@ -32,6 +32,7 @@ _DIMENSIONS = (
     ("user_id", 64),
 )
 _CALLER_DIMENSIONS = (("key_id", 64), ("user", 255), ("client_ip", 64))
+_FACET_DIMENSIONS = (("facet", 32), ("value", 255), ("outcome", 32), ("error_type", 255))
 _FLOATS = {"cost", "latency_ms_sum", "ttft_ms_sum"}
 _SUMS = (
     "requests",
@@ -91,6 +92,8 @@ def upgrade() -> None:
     _create("usage_hourly", _DIMENSIONS, _SUMS)
     _create("usage_daily", _DIMENSIONS, _SUMS)
     _create("usage_callers_daily", _CALLER_DIMENSIONS, _CALLER_SUMS)
+    _create("usage_facets_hourly", _FACET_DIMENSIONS, _SUMS)
+    _create("usage_facets_daily", _FACET_DIMENSIONS, _SUMS)
     with op.batch_alter_table("request_log", schema=None) as batch_op:
         for name, columns in _NEW_INDEXES:
             batch_op.create_index(name, columns, unique=False)
@@ -113,6 +116,8 @@ def downgrade() -> None:
     with op.batch_alter_table("request_log", schema=None) as batch_op:
         for name, _ in reversed(_NEW_INDEXES):
             batch_op.drop_index(name)
+    op.drop_table("usage_facets_daily")
+    op.drop_table("usage_facets_hourly")
     op.drop_table("usage_callers_daily")
     op.drop_table("usage_daily")
     op.drop_table("usage_hourly")

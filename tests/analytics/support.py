@@ -13,12 +13,17 @@ from llm_backend.db.models import (
     LATENCY_BOUNDS_MS,
     USAGE_CALLERS_DAILY,
     USAGE_DAILY,
+    USAGE_FACETS_DAILY,
+    USAGE_FACETS_HOURLY,
     USAGE_HOURLY,
     RequestLog,
 )
 
 DIMS = ("model", "key_id", "backend", "operation", "outcome", "error_type", "team_id", "user_id")
 CALLER_DIMS = ("key_id", "user", "client_ip")
+FACET_DIMS = ("facet", "value", "outcome", "error_type")
+#: facet -> the request_log column it splits by (None: the facet of all requests)
+FACETS = {"": None, "model": "model", "key_id": "key_id", "backend": "backend"}
 
 
 def _bucket_of(value: float) -> int:
@@ -39,18 +44,34 @@ def raw_rows(engine: Engine) -> list[dict[str, Any]]:
 
 
 def expected(engine: Engine) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
-    """{"usage_hourly" | "usage_daily" | "usage_callers_daily": {(bucket, *dims): {sum: value}}}."""
+    """{"usage_hourly" | "usage_daily" | "usage_callers_daily" | "usage_facets_hourly" |
+    "usage_facets_daily": {(bucket, *dims): {sum: value}}}."""
     out: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {
-        "usage_hourly": defaultdict(lambda: defaultdict(float)),
-        "usage_daily": defaultdict(lambda: defaultdict(float)),
-        "usage_callers_daily": defaultdict(lambda: defaultdict(float)),
+        name: defaultdict(lambda: defaultdict(float))
+        for name in (
+            "usage_hourly",
+            "usage_daily",
+            "usage_callers_daily",
+            "usage_facets_hourly",
+            "usage_facets_daily",
+        )
     }
     for row in raw_rows(engine):
         created = _utc(row["created_at"])
         hour = created.replace(minute=0, second=0, microsecond=0)
         dims = tuple(row[d] or "" for d in DIMS)
-        for name, bucket in (("usage_hourly", hour), ("usage_daily", hour.replace(hour=0))):
-            acc = out[name][(bucket, *dims)]
+        keys = [("usage_hourly", (hour, *dims)), ("usage_daily", (hour.replace(hour=0), *dims))]
+        for facet, column in FACETS.items():
+            fdims = (
+                facet,
+                (row[column] or "") if column else "",
+                row["outcome"] or "",
+                row["error_type"] or "",
+            )
+            keys.append(("usage_facets_hourly", (hour, *fdims)))
+            keys.append(("usage_facets_daily", (hour.replace(hour=0), *fdims)))
+        for name, key in keys:
+            acc = out[name][key]
             acc["requests"] += 1
             acc["estimated"] += int(bool(row["tokens_estimated"]))
             for col in (
@@ -95,7 +116,13 @@ def _rounded(sums: dict[str, float]) -> dict[str, Any]:
 def stored(engine: Engine) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
     """What the rollup tables hold, in the shape of `expected` (zero sums left out)."""
     out = {}
-    for table, dims in ((USAGE_HOURLY, DIMS), (USAGE_DAILY, DIMS), (USAGE_CALLERS_DAILY, CALLER_DIMS)):
+    for table, dims in (
+        (USAGE_HOURLY, DIMS),
+        (USAGE_DAILY, DIMS),
+        (USAGE_CALLERS_DAILY, CALLER_DIMS),
+        (USAGE_FACETS_HOURLY, FACET_DIMS),
+        (USAGE_FACETS_DAILY, FACET_DIMS),
+    ):
         rows: dict[tuple[Any, ...], dict[str, Any]] = {}
         with engine.connect() as conn:
             for r in conn.execute(sa.select(table)).mappings():

@@ -25,6 +25,8 @@ TABLES = {
     "usage_hourly",
     "usage_daily",
     "usage_callers_daily",
+    "usage_facets_hourly",
+    "usage_facets_daily",
     "console_sessions",
     "teams",
     "users",
