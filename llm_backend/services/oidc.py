@@ -12,9 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-
-import jwt
+from typing import TYPE_CHECKING, Any
 
 from llm_backend.config import OidcSettings
 from llm_backend.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
@@ -22,6 +20,23 @@ from llm_backend.logthrottle import LogThrottle
 
 logger = logging.getLogger(__name__)
 _throttle = LogThrottle(logger, 60.0)
+
+
+class _LazyJwt:
+    """PyJWT, imported when a token is first looked at: it loads `cryptography`, megabytes that a worker
+    without OIDC sign-in never needs."""
+
+    def __getattr__(self, name: str) -> Any:
+        import jwt as module
+
+        globals()["jwt"] = module
+        return getattr(module, name)
+
+
+if TYPE_CHECKING:
+    import jwt
+else:
+    jwt = _LazyJwt()
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 MAX_DOCUMENT_BYTES = 1024 * 1024  # a discovery document or key set larger than this is refused
