@@ -688,38 +688,51 @@ def _histogram_sums(column: Any, prefix: str) -> list[Any]:
     return out
 
 
+def _log_dim(log: sa.FromClause, name: str) -> Any:
+    """A request_log column as a rollup dimension: '' where the row has none (the upsert key needs a value)."""
+    return sa.func.coalesce(log.c[name], sa.literal_column("''"))
+
+
+def _log_total(col: Any) -> Any:
+    return sa.func.coalesce(sa.func.sum(col), 0)
+
+
+def _log_cost(log: sa.FromClause) -> Any:
+    return log.c.cost if "cost" in log.c else sa.cast(sa.null(), sa.Float())
+
+
+def _log_token_sums(log: sa.FromClause, cost: Any) -> list[Any]:
+    """The sums every rollup rebuilt from request_log shares: estimated, the token kinds, priced and cost."""
+    return [
+        _log_total(sa.case((log.c.tokens_estimated, 1), else_=0)).label("estimated"),
+        _log_total(log.c.prompt_tokens).label("prompt_tokens"),
+        _log_total(log.c.completion_tokens).label("completion_tokens"),
+        _log_total(log.c.total_tokens).label("total_tokens"),
+        _log_total(log.c.cached_tokens).label("cached_tokens"),
+        _log_total(log.c.reasoning_tokens).label("reasoning_tokens"),
+        sa.func.count(cost).label("priced"),
+        _log_total(cost).label("cost"),
+    ]
+
+
 def _rebuild_rollup(dialect: str, table: sa.Table, granularity: str, where: Sequence[Any]) -> Any:
     log = RequestLog.__table__
     bucket = _bucket_expr(dialect, granularity)
-
-    def dim(name: str) -> Any:
-        return sa.func.coalesce(log.c[name], sa.literal_column("''"))
-
-    def total(col: Any) -> Any:
-        return sa.func.coalesce(sa.func.sum(col), 0)
-
-    cost = log.c.cost if "cost" in log.c else sa.cast(sa.null(), sa.Float())
+    cost = _log_cost(log)
     ttft = log.c.ttft_ms
     select = sa.select(
         bucket.label("bucket"),
-        *(dim(d).label(d) for d in ROLLUP_DIMENSIONS),
+        *(_log_dim(log, d).label(d) for d in ROLLUP_DIMENSIONS),
         sa.func.count().label("requests"),
-        total(sa.case((log.c.tokens_estimated, 1), else_=0)).label("estimated"),
-        total(log.c.prompt_tokens).label("prompt_tokens"),
-        total(log.c.completion_tokens).label("completion_tokens"),
-        total(log.c.total_tokens).label("total_tokens"),
-        total(log.c.cached_tokens).label("cached_tokens"),
-        total(log.c.reasoning_tokens).label("reasoning_tokens"),
-        sa.func.count(cost).label("priced"),
-        total(cost).label("cost"),
-        total(log.c.latency_ms).label("latency_ms_sum"),
+        *_log_token_sums(log, cost),
+        _log_total(log.c.latency_ms).label("latency_ms_sum"),
         sa.func.count(ttft).label("ttft_count"),
-        total(ttft).label("ttft_ms_sum"),
+        _log_total(ttft).label("ttft_ms_sum"),
         *_histogram_sums(sa.func.coalesce(log.c.latency_ms, 0.0), "latency_b"),
         *_histogram_sums(ttft, "ttft_b"),
     ).where(*where)
     # in bucket order: a range of buckets then lies on few pages, as the recorder's writes in time order do
-    select = select.group_by(bucket, *(dim(d) for d in ROLLUP_DIMENSIONS)).order_by(bucket)
+    select = select.group_by(bucket, *(_log_dim(log, d) for d in ROLLUP_DIMENSIONS)).order_by(bucket)
     return sa.insert(table).from_select(["bucket", *ROLLUP_DIMENSIONS, *ROLLUP_SUMS], select)
 
 
@@ -765,29 +778,15 @@ def _rebuild_facet(
 def _rebuild_callers(dialect: str, where: Sequence[Any]) -> Any:
     log = RequestLog.__table__
     bucket = _bucket_expr(dialect, DAY)
-
-    def dim(name: str) -> Any:
-        return sa.func.coalesce(log.c[name], sa.literal_column("''"))
-
-    def total(col: Any) -> Any:
-        return sa.func.coalesce(sa.func.sum(col), 0)
-
-    cost = log.c.cost if "cost" in log.c else sa.cast(sa.null(), sa.Float())
+    cost = _log_cost(log)
     select = sa.select(
         bucket.label("bucket"),
-        *(dim(d).label(d) for d in CALLER_DIMENSIONS),
+        *(_log_dim(log, d).label(d) for d in CALLER_DIMENSIONS),
         sa.func.count().label("requests"),
-        total(sa.case((log.c.outcome != "ok", 1), else_=0)).label("errors"),
-        total(sa.case((log.c.tokens_estimated, 1), else_=0)).label("estimated"),
-        total(log.c.prompt_tokens).label("prompt_tokens"),
-        total(log.c.completion_tokens).label("completion_tokens"),
-        total(log.c.total_tokens).label("total_tokens"),
-        total(log.c.cached_tokens).label("cached_tokens"),
-        total(log.c.reasoning_tokens).label("reasoning_tokens"),
-        sa.func.count(cost).label("priced"),
-        total(cost).label("cost"),
+        _log_total(sa.case((log.c.outcome != "ok", 1), else_=0)).label("errors"),
+        *_log_token_sums(log, cost),
     ).where(*where)
-    select = select.group_by(bucket, *(dim(d) for d in CALLER_DIMENSIONS)).order_by(bucket)
+    select = select.group_by(bucket, *(_log_dim(log, d) for d in CALLER_DIMENSIONS)).order_by(bucket)
     return sa.insert(USAGE_CALLERS_DAILY).from_select(["bucket", *CALLER_DIMENSIONS, *CALLER_SUMS], select)
 
 
