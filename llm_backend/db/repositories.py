@@ -1092,6 +1092,10 @@ class ApiKeyRepository:
         team_id: str | None = None,
         user_id: str | None = None,
         trusted_ui: bool = False,
+        period_tokens: int | None = None,
+        period_spend: float | None = None,
+        period_start: datetime | None = None,
+        period_end: datetime | None = None,
     ) -> ApiKey:
         key = ApiKey(
             name=name,
@@ -1110,6 +1114,10 @@ class ApiKeyRepository:
             team_id=team_id,
             user_id=user_id,
             trusted_ui=trusted_ui,
+            period_tokens=period_tokens,
+            period_spend=period_spend,
+            period_start=period_start,
+            period_end=period_end,
             created_at=utcnow(),
         )
         if key_id:
