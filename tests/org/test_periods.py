@@ -226,6 +226,70 @@ def test_period_flags_from_the_cli(db_url) -> None:
     bad = run_cli(db_url, "keys", "update", key["id"], "--period-end", "2020-01-01")
     assert bad.returncode != 0 and "period_end" in bad.stderr
 
+    from llm_backend.services.org import OrgStore
+
+    engine = make_engine(db_url)
+    try:
+        OrgStore(engine).resolve_user(
+            subject="oid-2", issuer="https://login.example/t", email="di@example.com"
+        )
+    finally:
+        engine.dispose()
+    user = cli_json(
+        db_url,
+        "users",
+        "update",
+        "di@example.com",
+        "--period-tokens",
+        "700",
+        "--period-end",
+        "2099-01-01",
+        "--json",
+    )
+    assert user["period_tokens"] == 700 and user["period_start"] is not None
+    assert cli_json(db_url, "users", "show", "di@example.com")["period_end"] == "2099-01-01T00:00:00+00:00"
+    bad = run_cli(db_url, "users", "update", "di@example.com", "--period-start", "2100-01-01")
+    assert bad.returncode != 0 and "period_end" in bad.stderr  # the stored end is before the new start
+
+
+def test_the_migration_keeps_existing_rows_working(tmp_path: Path, serve, http) -> None:
+    import sqlalchemy as sa
+
+    from llm_backend.db import migrate
+    from llm_backend.db.repositories import hash_api_key
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    migrate.upgrade(url, "0008")
+    secret = "sk-llmb-" + "B" * 43
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO api_keys (id, name, key_prefix, key_hash, daily_tokens, enabled, created_at, trusted_ui) "
+                "VALUES ('key_old', 'old', 'sk-llmb-BBBB', :h, 100000, 1, '2026-01-01 00:00:00.000000', 0)"
+            ),
+            {"h": hash_api_key(secret)},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO teams (id, name, daily_spend, created_at, updated_at) "
+                "VALUES ('team_old', 'old', 5.0, '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        assert migrate.current_revision(engine) == "0009"
+    finally:
+        engine.dispose()
+    c = http(serve(database_url=url))
+    key = c.get("/admin/keys/key_old", headers=ADMIN).json()
+    assert (key["daily_tokens"], key["period_tokens"], key["period_end"]) == (100000, None, None)
+    old_team = c.get("/admin/teams/old", headers=ADMIN).json()
+    assert (old_team["daily_spend"], old_team["period_spend"], old_team["period_start"]) == (5.0, None, None)
+    assert c.post(CHAT, json=chat(), headers=bearer(secret)).status_code == 200
+
 
 def test_outside_its_period_a_level_admits_nothing(serve, http, limiter_redis_url) -> None:
     c = http(serve(redis_url=limiter_redis_url))
