@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -208,3 +209,46 @@ async def test_redis_period_counter_is_named_by_the_start_and_expires_after_the_
     finally:
         await limiter.close()
         await client.aclose()
+
+
+async def test_a_period_to_the_end_of_the_calendar(harness: Harness, key_id: str) -> None:
+    at_start(harness)
+    far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+    first = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+    level = Level("key", key_id, KeyLimits(period_tokens=100, period_start=first, period_end=far))
+    r = await harness.limiter.acquire_levels([level], 10)
+    await harness.limiter.settle(r, 10)
+    assert (await harness.limiter.usage_level(level))["period"]["tokens"]["used"] == 10
+
+
+async def test_two_redis_limiters_share_one_period_budget_exactly(redis_url: str, redis_prefix: str) -> None:
+    from llm_backend.limits.redis import RedisLimiter
+
+    workers = [
+        RedisLimiter(redis_url, prefix=redis_prefix, fail_open=False, timeout_s=30, pool_timeout_s=60)
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.time_offset_s = START - time.time()
+    team = Level("team", "shared", period(tokens=2000, spend=1.0))
+    admitted = 0
+
+    async def one(i: int) -> None:
+        nonlocal admitted
+        try:
+            r = await workers[i % 2].acquire_levels([team], 50, 30_000)
+        except LimitExceeded:
+            return
+        admitted += 1
+        await workers[(i + 1) % 2].settle(r, 50, 25_000)  # settled by whichever worker: same counters
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(100)))
+        usage = await workers[0].usage_level(team)
+        assert usage["period"]["tokens"]["used"] == 50 * admitted <= 2000
+        assert usage["period"]["spend"]["used"] == pytest.approx(0.025 * admitted)
+        assert usage["period"]["spend"]["used"] <= 1.0
+        assert admitted >= 33  # 1.0 / 0.03 reservations fit at the least
+    finally:
+        for w in workers:
+            await w.close()
