@@ -355,8 +355,9 @@ class RedisLimiter(Limiter):
 
     Each acquire and each settle is one EVALSHA round-trip over a bounded connection pool (max_connections;
     a burst waits up to pool_timeout_s for a connection), however many levels (key, user, team) the request
-    counts against. Two keys per level, sharing a hash tag: a hash (buckets, day and month counters of
-    tokens and cost; TTL to the end of the month) and a sorted set of parallel leases (TTL lease_s). Nothing
+    counts against. Three keys per level, sharing a hash tag: a hash (buckets, day and month counters of
+    tokens and cost; TTL to the end of the month), a sorted set of parallel leases (TTL lease_s) and, for a
+    level with a budget period, that period's hash (named by its start; TTL a little past its end). Nothing
     outlives its window. A request on one level works on Redis Cluster; one on several levels touches
     several hash tags, which a cluster refuses unless they share a slot: use a single Redis (or a
     replicated one) for users and teams.

@@ -370,7 +370,8 @@ class Gate:
     Budget counters the limiter has lost (SeedNeeded: Redis restarted or flushed, a fresh worker with the
     in-process limiter, a new day) are re-seeded from the request log before the level's next admission:
     one query per level and window, shared by the requests that wait for it, run by the DatabaseGuard. The
-    rule against double counting: while a window is unseeded the limiter admits nothing for the level, so
+    rule against double counting (a budget period's counter likewise, from the log's sum over the period):
+    while a window is unseeded the limiter admits nothing for the level, so
     the store's counter holds none of the requests the log will report; the seed then keeps the larger of
     the two (see Limiter.seed_level), which also covers a budget added in the middle of a day. Requests
     that ended before the loss but are not yet written by the recorder (a fraction of a second of traffic)
@@ -427,7 +428,7 @@ class Gate:
             kind = exc.level_kind
             caller.log["limited_by"] = kind
             headers = {**exc.state.headers(), LEVEL_HEADER: kind}
-            if exc.retryable:  # a spent or ended budget period: waiting does not help
+            if exc.retryable:  # not for a spent or ended budget period: waiting does not help
                 headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
             raise RateLimited(
                 exc.message,
