@@ -481,6 +481,7 @@ class Gate:
     async def _load_and_seed(self, need: SeedNeeded) -> bool:
         assert self.store is not None
         level = need.level
+        limits = level.limits
         day_start = datetime.fromtimestamp(need.day * 86400, UTC)
         first_of_month = datetime.fromtimestamp(month_start(need.month), UTC)
         try:
@@ -488,7 +489,6 @@ class Gate:
                 "budget seeding", self.store.level_totals, level.kind, level.id, day_start, first_of_month
             )
             period_tokens, period_cost = 0, 0.0
-            limits = level.limits
             if limits.has_period():
                 assert limits.period_end is not None
                 start = limits.period_start
@@ -517,13 +517,14 @@ class Gate:
             "seeded",
             logging.INFO,
             "budget counters of %s %s seeded from the request log: %d tokens (cost %.6f) today, "
-            "%d (cost %.6f) this month",
+            "%d (cost %.6f) this month%s",
             level.kind,
             level.id,
             day_tokens,
             day_cost,
             month_tokens,
             month_cost,
+            f", {period_tokens} (cost {period_cost:.6f}) in its budget period" if limits.has_period() else "",
         )
         return True
 
