@@ -212,6 +212,17 @@ def _print_table(
         print(line(row))
 
 
+def _with_period(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The columns, and the budget-period ones when some row has a period budget (a plain list reads as
+    before)."""
+    extra = [
+        c
+        for c in ("period_tokens", "period_spend", "period_start", "period_end")
+        if any(r.get(c) is not None for r in rows)
+    ]
+    return [*columns, *extra] if any(r.get("period_end") for r in rows) else list(columns)
+
+
 def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, default=str))
 
@@ -396,6 +407,7 @@ def _keys(args: argparse.Namespace, store: Any) -> int:
             data["user"] = args.user
         if args.trusted_ui:
             data["trusted_ui"] = True
+        _period_data(args, data)
         info, secret = store.create(data)
         if args.json:
             _print_json({**info, "secret": secret})
@@ -411,9 +423,23 @@ def _keys(args: argparse.Namespace, store: Any) -> int:
                 key["models"] = key.get("models") or "all"
             _print_table(
                 keys,
-                [*_KEY_COLUMNS, "last_used_at"],
+                _with_period([*_KEY_COLUMNS, "last_used_at"], keys),
                 empty="no keys yet: llm-backend keys create --name NAME",
             )
+    elif args.keys_command == "update":
+        changes: dict[str, Any] = {}
+        for field in ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens"):
+            value = getattr(args, field)
+            if value is not None:
+                changes[field] = None if value < 0 else value
+        _period_data(args, changes)
+        if not changes:
+            raise CliError("nothing to change: give a limit flag (see keys update --help)")
+        info = store.update(args.key_id, changes)
+        if args.json:
+            _print_json(info)
+        else:
+            print(f"updated key {info['id']} ({info['name']})")
     elif args.keys_command in ("disable", "enable"):
         info = store.update(args.key_id, {"enabled": args.keys_command == "enable"})
         print(f"{args.keys_command}d key {info['id']} ({info['name']})")
@@ -578,6 +604,36 @@ def _limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--monthly-tokens", dest="monthly_tokens", type=_limit, metavar="N")
     p.add_argument("--daily-spend", dest="daily_spend", metavar="AMOUNT", help="money per UTC day")
     p.add_argument("--monthly-spend", dest="monthly_spend", metavar="AMOUNT", help="money per UTC month")
+    _period_flags(p)
+
+
+def _period_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a budget for a fixed period (keys, teams, users); `none` clears one."""
+    p.add_argument(
+        "--period-tokens", dest="period_tokens", type=_limit, metavar="N", help="tokens for the period"
+    )
+    p.add_argument("--period-spend", dest="period_spend", metavar="AMOUNT", help="money for the period")
+    p.add_argument(
+        "--period-start",
+        dest="period_start",
+        metavar="WHEN",
+        help="ISO 8601 date or time the period starts (a date: 00:00 UTC); default: now",
+    )
+    p.add_argument(
+        "--period-end",
+        dest="period_end",
+        metavar="WHEN",
+        help="ISO 8601 date or time the period ends (exclusive); needed by a period budget",
+    )
+
+
+def _period_data(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    if args.period_tokens is not None:
+        data["period_tokens"] = None if args.period_tokens < 0 else args.period_tokens
+    for field in ("period_spend", "period_start", "period_end"):
+        value = getattr(args, field)
+        if value is not None:
+            data[field] = None if value.strip().lower() == "none" else value
 
 
 def _limit_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -594,6 +650,7 @@ def _limit_data(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, field)
         if value is not None:
             data[field] = None if value.strip().lower() == "none" else value
+    _period_data(args, data)
     return data
 
 
@@ -633,7 +690,11 @@ def _teams(args: argparse.Namespace, store: Any) -> int:
         else:
             for team in teams:
                 team["models"] = team.get("models") or "all"
-            _print_table(teams, _TEAM_COLUMNS, empty="no teams yet: llm-backend teams create --name NAME")
+            _print_table(
+                teams,
+                _with_period(_TEAM_COLUMNS, teams),
+                empty="no teams yet: llm-backend teams create --name NAME",
+            )
     elif action == "show":
         _print_json(store.get_team(args.team))
     elif action == "delete":
@@ -665,7 +726,11 @@ def _users(args: argparse.Namespace, store: Any) -> int:
                 user["teams"] = ",".join(
                     f"{t['name']}{'*' if t['role'] == 'admin' else ''}" for t in user["teams"]
                 )
-            _print_table(users, _USER_COLUMNS, empty="no users yet: they appear when they first sign in")
+            _print_table(
+                users,
+                _with_period(_USER_COLUMNS, users),
+                empty="no users yet: they appear when they first sign in",
+            )
     elif action == "show":
         _print_json(store.get_user(args.user))
     elif action == "update":
@@ -776,7 +841,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a front-end that names its end user per request (TRUSTED_USER_HEADERS)",
     )
+    _period_flags(c)
     c.add_argument("--json", action="store_true", help="print the key as JSON, its secret in 'secret'")
+    up = ks.add_parser("update", help="change a key's limits (a negative number or `none` clears a limit)")
+    up.add_argument("key_id")
+    up.add_argument("--rpm", type=_limit, metavar="N")
+    up.add_argument("--tpm", type=_limit, metavar="N")
+    up.add_argument("--max-parallel", dest="max_parallel", type=_limit, metavar="N")
+    up.add_argument("--daily-tokens", dest="daily_tokens", type=_limit, metavar="N")
+    up.add_argument("--monthly-tokens", dest="monthly_tokens", type=_limit, metavar="N")
+    _period_flags(up)
+    up.add_argument("--json", action="store_true", help="print the key as JSON")
     ls = ks.add_parser("list", help="list keys")
     ls.add_argument("--owner")
     ls.add_argument("--json", action="store_true", help="print a JSON list")

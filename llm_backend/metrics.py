@@ -30,7 +30,18 @@ EXTRA_ROUTES = ("/metrics", "/openapi.json", "/docs", "/docs/")
 TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")
 OUTCOMES = frozenset({"ok", "error", "client_disconnected", "interrupted"})
 #: Why the limiter refused a request: the limit hit (llm_backend.limits.LimitKind), or the store being away.
-LIMITER_REASONS = ("requests", "tokens", "parallel", "daily_budget", "monthly_budget", "limiter_unavailable")
+LIMITER_REASONS = (
+    "requests",
+    "tokens",
+    "parallel",
+    "daily_budget",
+    "monthly_budget",
+    "period_budget",
+    "period_spend",
+    "period_not_started",
+    "period_ended",
+    "limiter_unavailable",
+)
 REJECT_REASONS = ("unauthenticated", "unknown_route")
 #: Upstream error kinds: the failover condition that covers the error, or `client` for the caller's own.
 UPSTREAM_ERROR_KINDS = ("429", "5xx", "timeout", "connect", "client")

@@ -14,7 +14,9 @@ from urllib.parse import urlencode
 from llm_backend.errors import InvalidRequest
 from llm_backend.services.usage import usage_report
 
-LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
+LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens", "period_tokens")
+#: the budget period's other fields, passed on as typed (the key service checks them); empty means none
+PERIOD_TEXT = ("period_spend", "period_start", "period_end")
 PAGE_SIZE = 50  # request log rows per page
 RECENT = timedelta(hours=1)  # a backend's "recent" error rate: the request log's rollups since then
 
@@ -56,6 +58,9 @@ def key_body(form: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
                 f"'{field}' must be a whole number >= 0, or empty for no limit.", param=field
             )
         body[field] = int(raw)
+    for field in PERIOD_TEXT:
+        if field in text:
+            body[field] = text[field] or None
     expires_in = text.get("expires_in", "")
     expires_at = text.get("expires_at", "")
     if expires_in:

@@ -171,6 +171,11 @@ class ApiKey(Base):
     max_parallel: Mapped[int | None] = mapped_column(sa.Integer)
     daily_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
     monthly_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    # a budget for a fixed period [period_start, period_end) (end exclusive): tokens and/or money
+    period_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    period_spend: Mapped[float | None] = mapped_column(sa.Float)
+    period_start: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    period_end: Mapped[datetime | None] = mapped_column(UTCDateTime())
     allowed_ips: Mapped[list[str] | None] = mapped_column(JSONType)  # CIDR strings; None: any address
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     enabled: Mapped[bool] = mapped_column(sa.Boolean, default=True, server_default=sa.true())
@@ -201,6 +206,11 @@ class Team(Base):
     monthly_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
     daily_spend: Mapped[float | None] = mapped_column(sa.Float)  # in the currency of the models' prices
     monthly_spend: Mapped[float | None] = mapped_column(sa.Float)
+    # a budget for a fixed period [period_start, period_end) (end exclusive): tokens and/or money
+    period_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    period_spend: Mapped[float | None] = mapped_column(sa.Float)
+    period_start: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    period_end: Mapped[datetime | None] = mapped_column(UTCDateTime())
     groups: Mapped[list[str] | None] = mapped_column(JSONType)  # OIDC group ids/names mapped to the team
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -227,6 +237,11 @@ class User(Base):
     monthly_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
     daily_spend: Mapped[float | None] = mapped_column(sa.Float)
     monthly_spend: Mapped[float | None] = mapped_column(sa.Float)
+    # a budget for a fixed period [period_start, period_end) (end exclusive): tokens and/or money
+    period_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    period_spend: Mapped[float | None] = mapped_column(sa.Float)
+    period_start: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    period_end: Mapped[datetime | None] = mapped_column(UTCDateTime())
     groups: Mapped[list[str] | None] = mapped_column(JSONType)  # the group claims last seen
     enabled: Mapped[bool] = mapped_column(sa.Boolean, default=True, server_default=sa.true())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1052,6 +1052,10 @@ _API_KEY_UPDATABLE = frozenset(
         "max_parallel",
         "daily_tokens",
         "monthly_tokens",
+        "period_tokens",
+        "period_spend",
+        "period_start",
+        "period_end",
         "allowed_ips",
         "expires_at",
         "enabled",
@@ -1088,6 +1092,10 @@ class ApiKeyRepository:
         team_id: str | None = None,
         user_id: str | None = None,
         trusted_ui: bool = False,
+        period_tokens: int | None = None,
+        period_spend: float | None = None,
+        period_start: datetime | None = None,
+        period_end: datetime | None = None,
     ) -> ApiKey:
         key = ApiKey(
             name=name,
@@ -1106,6 +1114,10 @@ class ApiKeyRepository:
             team_id=team_id,
             user_id=user_id,
             trusted_ui=trusted_ui,
+            period_tokens=period_tokens,
+            period_spend=period_spend,
+            period_start=period_start,
+            period_end=period_end,
             created_at=utcnow(),
         )
         if key_id:
@@ -1174,6 +1186,10 @@ ORG_LIMIT_COLUMNS = (
     "monthly_tokens",
     "daily_spend",
     "monthly_spend",
+    "period_tokens",
+    "period_spend",
+    "period_start",
+    "period_end",
 )
 _TEAM_UPDATABLE = frozenset({"name", "groups", *ORG_LIMIT_COLUMNS})
 _USER_UPDATABLE = frozenset({"email", "name", "enabled", *ORG_LIMIT_COLUMNS})
@@ -1380,3 +1396,20 @@ def level_totals(
     day_cost = float(row[2] or 0.0) if cost is not None else 0.0
     month_cost = float(row[3] or 0.0) if cost is not None else 0.0
     return int(row[0] or 0), int(row[1] or 0), day_cost, month_cost
+
+
+def period_totals(
+    session: Session, level: str, level_id: str, start: datetime | None, end: datetime
+) -> tuple[int, float]:
+    """Tokens and cost of one limiter level within a budget period [start, end) (start None: no lower
+    bound): what its period counter is re-seeded from (cost 0 where the log holds none)."""
+    column = getattr(RequestLog, LEVEL_COLUMNS[level])
+    cost = getattr(RequestLog, "cost", None)
+    cols = [sa.func.coalesce(sa.func.sum(RequestLog.total_tokens), 0)]
+    if cost is not None:
+        cols.append(sa.func.coalesce(sa.func.sum(cost), 0))
+    where = [column == level_id, RequestLog.created_at < end]
+    if start is not None:
+        where.append(RequestLog.created_at >= start)
+    row = session.execute(sa.select(*cols).where(*where)).one()
+    return int(row[0] or 0), float(row[1] or 0.0) if cost is not None else 0.0

@@ -10,7 +10,17 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
 LimitKind = Literal[
-    "requests", "tokens", "parallel", "daily_budget", "monthly_budget", "daily_spend", "monthly_spend"
+    "requests",
+    "tokens",
+    "parallel",
+    "daily_budget",
+    "monthly_budget",
+    "daily_spend",
+    "monthly_spend",
+    "period_budget",
+    "period_spend",
+    "period_not_started",
+    "period_ended",
 ]
 LevelKind = Literal["key", "user", "team"]
 
@@ -25,6 +35,9 @@ DEFAULT_LEASE_S = 30.0
 PARALLEL_RETRY_AFTER_S = 1.0
 #: Float tolerance when comparing token/request levels against a limit.
 EPSILON = 1e-6
+#: The "wait" of a refusal that waiting does not cure (a spent or ended budget period): longer than any
+#: other, so that it is the one reported; it never becomes a Retry-After.
+NEVER_S = 1e15
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +51,13 @@ class KeyLimits:
     monthly_tokens: int | None = None  # budget per UTC calendar month
     daily_spend: float | None = None  # money budget per UTC day, in the currency of the models' prices
     monthly_spend: float | None = None  # money budget per UTC calendar month
+    period_tokens: int | None = None  # token budget for the fixed period [period_start, period_end)
+    period_spend: float | None = None  # money budget for that period
+    period_start: float | None = None  # UTC timestamps; None start: the period has no lower bound
+    period_end: float | None = None  # exclusive; a period budget without an end is not in force
 
     def unlimited(self) -> bool:
-        return all(
+        return not self.has_period() and all(
             v is None
             for v in (
                 self.rpm,
@@ -55,10 +72,23 @@ class KeyLimits:
 
     def budgeted(self) -> bool:
         """Whether a budget window (tokens or money) is limited: its counters need seeding."""
-        return any(
+        return self.has_period() or any(
             v is not None
             for v in (self.daily_tokens, self.monthly_tokens, self.daily_spend, self.monthly_spend)
         )
+
+    def has_period(self) -> bool:
+        """Whether a budget for a fixed period is in force: outside the period the level admits nothing."""
+        return self.period_end is not None and (
+            self.period_tokens is not None or self.period_spend is not None
+        )
+
+    @property
+    def period_id(self) -> str:
+        """The period's name in counter keys: its start in milliseconds (a new start, a fresh counter)."""
+        if not self.has_period():
+            return "none"
+        return "open" if self.period_start is None else str(round(self.period_start * 1000))
 
 
 #: Limits are counted per level: the request's key, its user and its team each have their own counters.
@@ -150,9 +180,32 @@ _DESCRIPTIONS: dict[str, str] = {
     "monthly_budget": "monthly token budget",
     "daily_spend": "daily spend budget",
     "monthly_spend": "monthly spend budget",
+    "period_budget": "period token budget",
+    "period_spend": "period spend budget",
 }
-_BUDGETS = ("daily_budget", "monthly_budget", "daily_spend", "monthly_spend")
+_BUDGETS = (
+    "daily_budget",
+    "monthly_budget",
+    "daily_spend",
+    "monthly_spend",
+    "period_budget",
+    "period_spend",
+    "period_not_started",
+    "period_ended",
+)
+#: Refusals that waiting does not cure: no Retry-After.
+_FINAL = ("period_budget", "period_spend", "period_ended")
 _LEVEL_NAMES = {"key": "API key", "user": "user", "team": "team"}
+
+
+def iso_time(ts: float | None) -> str:
+    """A UTC timestamp as ISO 8601 (seconds, `Z`), as refusals and listings show period bounds."""
+    if ts is None:
+        return "the beginning"
+    when = datetime.fromtimestamp(ts, tz=UTC)
+    return when.isoformat(timespec="seconds" if when.microsecond == 0 else "milliseconds").replace(
+        "+00:00", "Z"
+    )
 
 
 def money(micros: float) -> str:
@@ -193,6 +246,11 @@ class LimitExceeded(Exception):
         return self.kind in _BUDGETS
 
     @property
+    def retryable(self) -> bool:
+        """Whether waiting helps (a Retry-After is worth sending): not for a spent or ended period."""
+        return self.kind not in _FINAL
+
+    @property
     def code(self) -> str:
         """The error code: a key's spent budget is OpenAI's insufficient_quota, a user's or a team's
         user_budget_exceeded / team_budget_exceeded; every rate or parallel limit rate_limit_exceeded."""
@@ -211,7 +269,38 @@ class LimitExceeded(Exception):
         who = f" '{level.name}'" if level.name else ""
         return f"Your {_LEVEL_NAMES[level.kind]}{who} refused the request. {text}"
 
+    def _period_message(self) -> str | None:
+        limits = self.level.limits if self.level is not None else KeyLimits()
+        whose = f"The {_LEVEL_NAMES[self.level_kind]}'s budget period"
+        end = iso_time(limits.period_end)
+        if self.kind == "period_not_started":
+            return (
+                f"{whose} starts at {iso_time(limits.period_start)} (in {format_duration(self.retry_after)}) "
+                f"and ends at {end}: no requests are admitted before it starts."
+            )
+        if self.kind == "period_ended":
+            return (
+                f"{whose} ended at {end}: no requests are admitted until an administrator sets a new "
+                "budget period."
+            )
+        if self.kind == "period_spend":
+            figures = f"limit {money(self.limit)}, used {money(self.used)}, requested {money(self.requested)}"
+        elif self.kind == "period_budget":
+            used = math.ceil(self.used - EPSILON)
+            figures = f"limit {self.limit}, used {used}, requested {self.requested}"
+        else:
+            return None
+        hint = " (used includes requests in flight; a request reserves its estimate up front: a lower "
+        hint += "max_tokens reserves less)"
+        return (
+            f"You exceeded your {_DESCRIPTIONS[self.kind]}: {figures}{hint}. The period budget does not "
+            f"renew: it runs from {iso_time(limits.period_start)} until the period ends at {end}."
+        )
+
     def _message(self) -> str:
+        period = self._period_message()
+        if period is not None:
+            return period
         wait = format_duration(self.retry_after)
         if self.kind in ("daily_spend", "monthly_spend"):
             period = "UTC day" if self.kind == "daily_spend" else "UTC month"
@@ -307,6 +396,11 @@ class Limiter(abc.ABC):
     - With seed_budgets, a budget window whose counter is missing (a restarted store, a fresh worker, a new
       day) admits nothing until seed() has put the request log's usage of that window in (SeedNeeded).
     - Token usage per UTC day/month is counted even without a budget (for usage() and for a budget set later).
+    - A period budget (period_tokens/period_spend for [period_start, period_end)) counts what the level
+      admits within the period on a counter named by the period's start (a new start: a fresh counter).
+      Before its start and from its end on, a level with a period budget admits nothing
+      (period_not_started, with the wait until the start; period_ended). A spent period budget does not
+      renew: period_budget/period_spend refusals are final (LimitExceeded.retryable is False).
     - A limit of 0 refuses every request; None is unlimited.
     """
 
@@ -351,10 +445,13 @@ class Limiter(abc.ABC):
         month_tokens: int,
         day_cost: int = 0,
         month_cost: int = 0,
+        period_tokens: int = 0,
+        period_cost: int = 0,
     ) -> None:
         """Put a level's budget window usage (tokens, and cost in millionths) from the request log in,
-        after SeedNeeded. A counter keeps the larger of what it has and what it is given (see the
-        implementations); a seed for a day (month) that is no longer the current one is ignored."""
+        after SeedNeeded; period_* is its usage within its budget period (level.limits), if it has one.
+        A counter keeps the larger of what it has and what it is given (see the implementations); a seed
+        for a day (month) that is no longer the current one is ignored."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -424,15 +521,17 @@ def usage_report(
     window_s: float,
     day_cost: int = 0,
     month_cost: int = 0,
+    period_used: int = 0,
+    period_cost: int = 0,
 ) -> dict[str, Any]:
     """The usage() dictionary both implementations return."""
     state = rate_state(limits, requests_level, tokens_level, window_s)
 
-    def budget(limit: int | None, used: int, reset: float) -> dict[str, Any]:
+    def budget(limit: int | None, used: int, reset: float | None) -> dict[str, Any]:
         remaining = None if limit is None else max(0, limit - used)
         return {"limit": limit, "used": used, "remaining": remaining, "reset_s": reset}
 
-    def spend(limit: float | None, used: int, reset: float) -> dict[str, Any]:
+    def spend(limit: float | None, used: int, reset: float | None) -> dict[str, Any]:
         remaining = None if limit is None else max(0.0, limit - used / MICROS)
         return {"limit": limit, "used": used / MICROS, "remaining": remaining, "reset_s": reset}
 
@@ -454,7 +553,31 @@ def usage_report(
         "monthly_tokens": budget(limits.monthly_tokens, month_used, seconds_to_next_month(now)),
         "daily_spend": spend(limits.daily_spend, day_cost, seconds_to_next_day(now)),
         "monthly_spend": spend(limits.monthly_spend, month_cost, seconds_to_next_month(now)),
+        "period": {
+            "start": iso_time(limits.period_start) if limits.period_start is not None else None,
+            "end": iso_time(limits.period_end) if limits.period_end is not None else None,
+            "tokens": budget(limits.period_tokens, period_used, period_remaining(limits, now)),
+            "spend": spend(limits.period_spend, period_cost, period_remaining(limits, now)),
+        },
     }
+
+
+def period_check(limits: KeyLimits, now: float) -> tuple[LimitKind, float] | None:
+    """A period-budget level outside its period: ("period_not_started", seconds to its start) or
+    ("period_ended", NEVER_S); None inside it or without a period budget."""
+    if not limits.has_period():
+        return None
+    assert limits.period_end is not None
+    if limits.period_start is not None and now < limits.period_start:
+        return "period_not_started", limits.period_start - now
+    if now >= limits.period_end:
+        return "period_ended", NEVER_S
+    return None
+
+
+def period_remaining(limits: KeyLimits, now: float) -> float | None:
+    """Seconds until the period ends (None without an end)."""
+    return None if limits.period_end is None else max(0.0, limits.period_end - now)
 
 
 def tightest(states: Sequence[RateLimitState]) -> RateLimitState:

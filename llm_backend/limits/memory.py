@@ -14,6 +14,7 @@ from .base import (
     DEFAULT_LEASE_S,
     DEFAULT_RATE_WINDOW_S,
     EPSILON,
+    NEVER_S,
     PARALLEL_RETRY_AFTER_S,
     KeyLimits,
     Level,
@@ -22,6 +23,7 @@ from .base import (
     LimitKind,
     Reservation,
     SeedNeeded,
+    period_check,
     rate_state,
     seconds_to_next_day,
     seconds_to_next_month,
@@ -50,6 +52,10 @@ class _KeyState:
     month_cost: int = 0
     seeded_day: int = -1  # the day (month) whose budget counter has been seeded from the request log
     seeded_month: int = -1
+    period: str | None = None  # the budget period (KeyLimits.period_id) the period counters count
+    period_used: int = 0
+    period_cost: int = 0
+    seeded_period: str | None = None
 
 
 def _drain(level: float, ts: float, limit: int | None, now: float, window_s: float) -> float:
@@ -65,6 +71,16 @@ def _roll(st: _KeyState, now: float) -> None:
         st.day, st.day_used, st.day_cost = day, 0, 0
     if st.month != month:
         st.month, st.month_used, st.month_cost = month, 0, 0
+
+
+def _roll_period(st: _KeyState, limits: KeyLimits) -> bool:
+    """Point the period counters at the level's budget period (a new period starts at zero); False when
+    the level has no period budget."""
+    if not limits.has_period():
+        return False
+    if st.period != limits.period_id:
+        st.period, st.period_used, st.period_cost, st.seeded_period = limits.period_id, 0, 0, None
+    return True
 
 
 class InMemoryLimiter(Limiter):
@@ -102,6 +118,7 @@ class InMemoryLimiter(Limiter):
         st.tokens_level = _drain(st.tokens_level, st.tokens_ts, limits.tpm, now, self.window_s)
         st.tokens_ts = max(st.tokens_ts, now)
         _roll(st, now)
+        _roll_period(st, limits)
         if st.in_flight:
             for rid in [rid for rid, expiry in st.in_flight.items() if expiry <= now]:
                 if rid in self._live:
@@ -147,6 +164,17 @@ class InMemoryLimiter(Limiter):
         ):
             if limit is not None and (limit <= 0 or used + min(amount, limit) > limit):
                 consider(reset(now), kind, limit, used, amount)  # type: ignore[arg-type]
+        if limits.has_period():
+            outside = period_check(limits, now)
+            if outside is not None:
+                consider(outside[1], outside[0], 0, 0, reserve)
+            else:
+                for kind, limit, used, amount in (
+                    ("period_budget", limits.period_tokens, st.period_used, reserve),
+                    ("period_spend", to_micros(limits.period_spend), st.period_cost, cost),
+                ):
+                    if limit is not None and (limit <= 0 or used + min(amount, limit) > limit):
+                        consider(NEVER_S, kind, limit, used, amount)  # type: ignore[arg-type]
         return worst
 
     async def acquire_levels(
@@ -162,7 +190,12 @@ class InMemoryLimiter(Limiter):
                 limits = level.limits
                 days = limits.daily_tokens is not None or limits.daily_spend is not None
                 months = limits.monthly_tokens is not None or limits.monthly_spend is not None
-                if (days and st.seeded_day != st.day) or (months and st.seeded_month != st.month):
+                period = limits.has_period() and period_check(limits, now) is None
+                if (
+                    (days and st.seeded_day != st.day)
+                    or (months and st.seeded_month != st.month)
+                    or (period and st.seeded_period != st.period)
+                ):
                     raise SeedNeeded(level.counter, st.day, st.month, level)
 
         # Every limit of every level that would be exceeded; the one with the longest wait is reported.
@@ -191,6 +224,9 @@ class InMemoryLimiter(Limiter):
             st.month_used += reserve
             st.day_cost += cost
             st.month_cost += cost
+            if level.limits.has_period():  # admitted: inside the period
+                st.period_used += reserve
+                st.period_cost += cost
         first = states[0]
         reservation = Reservation(
             key_id=levels[0].counter,
@@ -222,6 +258,8 @@ class InMemoryLimiter(Limiter):
         month_tokens: int,
         day_cost: int = 0,
         month_cost: int = 0,
+        period_tokens: int = 0,
+        period_cost: int = 0,
     ) -> None:
         now = self._clock()
         st = self._keys.get(level.counter)
@@ -236,6 +274,10 @@ class InMemoryLimiter(Limiter):
             st.month_used = max(st.month_used, int(month_tokens))
             st.month_cost = max(st.month_cost, int(month_cost))
             st.seeded_month = month
+        if _roll_period(st, level.limits) and st.seeded_period != st.period:
+            st.period_used = max(st.period_used, int(period_tokens))
+            st.period_cost = max(st.period_cost, int(period_cost))
+            st.seeded_period = st.period
 
     async def settle(
         self, reservation: Reservation, actual_tokens: int, actual_cost: int | None = None
@@ -272,6 +314,10 @@ class InMemoryLimiter(Limiter):
             if st.month == reservation.month:
                 st.month_used = max(0, st.month_used + delta)
                 st.month_cost = max(0, st.month_cost + cost_delta)
+            # booked on the level's period when it had one (it was admitted inside it)
+            if level.limits.has_period() and st.period == level.limits.period_id:
+                st.period_used = max(0, st.period_used + delta)
+                st.period_cost = max(0, st.period_cost + cost_delta)
 
     async def usage_level(self, level: Level) -> dict[str, Any]:
         now = self._clock()
@@ -288,4 +334,6 @@ class InMemoryLimiter(Limiter):
             window_s=self.window_s,
             day_cost=st.day_cost,
             month_cost=st.month_cost,
+            period_used=st.period_used if limits.has_period() else 0,
+            period_cost=st.period_cost if limits.has_period() else 0,
         )

@@ -25,6 +25,7 @@ from .base import (
     DEFAULT_LEASE_S,
     DEFAULT_RATE_WINDOW_S,
     EPSILON,
+    NEVER_S,
     PARALLEL_RETRY_AFTER_S,
     Level,
     Limiter,
@@ -87,10 +88,13 @@ local function num(x)
 end
 """.replace("$EPS", repr(EPSILON))
 
-# KEYS: per level its state hash and its in-flight sorted set (s1, p1, s2, p2, ...). ARGV: time offset, window,
-# reserve, reservation id, lease seconds, seed budgets (1/0), reserved cost (millionths), number of levels,
-# then per level: rpm, tpm, max_parallel, daily tokens, monthly tokens, daily spend, monthly spend (in
-# millionths; -1 = no limit).
+# KEYS: per level its state hash, its in-flight sorted set and its budget-period hash (s1, p1, b1, s2, ...).
+# ARGV: time offset, window, reserve, reservation id, lease seconds, seed budgets (1/0), reserved cost
+# (millionths), number of levels, then per level: rpm, tpm, max_parallel, daily tokens, monthly tokens,
+# daily spend, monthly spend (in millionths; -1 = no limit), period tokens, period spend (-1 = none),
+# period start, period end (UTC timestamps; '' = none; a period budget is in force only with an end).
+# The period hash is named by the period's start (a new start: a fresh counter): pu/pc its tokens and cost,
+# sp set once seeded from the request log; its TTL runs a little past the period's end.
 # Hash fields: rl/rt requests bucket level and time, tl/tt tokens bucket, d/du UTC day and its tokens,
 # m/mu UTC month and its tokens, dc/mc the day's and the month's cost (millionths), sd/sm the day and month
 # whose counters were seeded from the request log. Each sorted set holds every in-flight reservation id of
@@ -108,13 +112,24 @@ local day = math.floor(now / 86400)
 local month = month_of_day(day)
 local st = {}
 for i = 1, n do
-  local b = 8 + (i - 1) * 7
+  local b = 8 + (i - 1) * 11
   local L = {rpm = tonumber(ARGV[b + 1]), tpm = tonumber(ARGV[b + 2]), maxpar = tonumber(ARGV[b + 3]),
              daily = tonumber(ARGV[b + 4]), monthly = tonumber(ARGV[b + 5]),
-             dspend = tonumber(ARGV[b + 6]), mspend = tonumber(ARGV[b + 7])}
-  local h = redis.call('HMGET', KEYS[2 * i - 1], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu', 'sd', 'sm', 'dc', 'mc')
+             dspend = tonumber(ARGV[b + 6]), mspend = tonumber(ARGV[b + 7]),
+             ptok = tonumber(ARGV[b + 8]), pspend = tonumber(ARGV[b + 9]),
+             pstart = tonumber(ARGV[b + 10]), pend = tonumber(ARGV[b + 11])}
+  L.period = L.pend ~= nil and (L.ptok >= 0 or L.pspend >= 0)
+  L.inside = L.period and (L.pstart == nil or now >= L.pstart) and now < L.pend
+  L.pu, L.pc = 0, 0
+  local ps = false
+  if L.inside then
+    local ph = redis.call('HMGET', KEYS[3 * i], 'pu', 'pc', 'sp')
+    L.pu, L.pc, ps = tonumber(ph[1]) or 0, tonumber(ph[2]) or 0, ph[3]
+  end
+  local h = redis.call('HMGET', KEYS[3 * i - 2], 'rl', 'rt', 'tl', 'tt', 'd', 'du', 'm', 'mu', 'sd', 'sm', 'dc', 'mc')
   if ARGV[6] == '1' and (((L.daily >= 0 or L.dspend >= 0) and tonumber(h[9]) ~= day)
-                         or ((L.monthly >= 0 or L.mspend >= 0) and tonumber(h[10]) ~= month)) then
+                         or ((L.monthly >= 0 or L.mspend >= 0) and tonumber(h[10]) ~= month)
+                         or (L.inside and not ps)) then
     return cjson.encode({ok = false, seed = true, level = i, day = day, month = month})
   end
   L.rl = drain(h[1], h[2], L.rpm, now, window)
@@ -122,9 +137,9 @@ for i = 1, n do
   L.du, L.mu, L.dc, L.mc = 0, 0, 0, 0
   if tonumber(h[5]) == day then L.du = tonumber(h[6]) or 0; L.dc = tonumber(h[11]) or 0 end
   if tonumber(h[7]) == month then L.mu = tonumber(h[8]) or 0; L.mc = tonumber(h[12]) or 0 end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2 * i], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3 * i - 1], '-inf', now)
   L.inflight = 0
-  if L.maxpar >= 0 then L.inflight = redis.call('ZCARD', KEYS[2 * i]) end
+  if L.maxpar >= 0 then L.inflight = redis.call('ZCARD', KEYS[3 * i - 1]) end
   st[i] = L
 end
 
@@ -158,6 +173,14 @@ for i = 1, n do
   budget(L.monthly, L.mu, reserve, to_month, 'monthly_budget', i)
   budget(L.dspend, L.dc, cost, to_day, 'daily_spend', i)
   budget(L.mspend, L.mc, cost, to_month, 'monthly_spend', i)
+  if L.period then
+    if L.pstart ~= nil and now < L.pstart then consider(L.pstart - now, 'period_not_started', 0, 0, reserve, i)
+    elseif now >= L.pend then consider($NEVER, 'period_ended', 0, 0, reserve, i)
+    else
+      budget(L.ptok, L.pu, reserve, $NEVER, 'period_budget', i)
+      budget(L.pspend, L.pc, cost, $NEVER, 'period_spend', i)
+    end
+  end
 end
 local rls, tls = {}, {}
 if v ~= nil then
@@ -173,18 +196,22 @@ for i = 1, n do
   if L.rpm >= 0 then L.rl = L.rl + 1 end
   if L.tpm >= 0 then L.tl = L.tl + reserve end
   rls[i], tls[i] = L.rl, L.tl
-  redis.call('HSET', KEYS[2 * i - 1], 'rl', num(L.rl), 'rt', num(now), 'tl', num(L.tl), 'tt', num(now),
+  redis.call('HSET', KEYS[3 * i - 2], 'rl', num(L.rl), 'rt', num(now), 'tl', num(L.tl), 'tt', num(now),
              'd', day, 'du', num(L.du + reserve), 'm', month, 'mu', num(L.mu + reserve),
              'dc', num(L.dc + cost), 'mc', num(L.mc + cost))
-  redis.call('EXPIRE', KEYS[2 * i - 1], ttl)
-  redis.call('ZADD', KEYS[2 * i], now + lease, rid)
-  redis.call('EXPIRE', KEYS[2 * i], math.ceil(lease) + 1)
+  redis.call('EXPIRE', KEYS[3 * i - 2], ttl)
+  redis.call('ZADD', KEYS[3 * i - 1], now + lease, rid)
+  redis.call('EXPIRE', KEYS[3 * i - 1], math.ceil(lease) + 1)
+  if L.inside then
+    redis.call('HSET', KEYS[3 * i], 'pu', num(L.pu + reserve), 'pc', num(L.pc + cost))
+    redis.call('EXPIRE', KEYS[3 * i], math.ceil(L.pend - now + math.max(window, lease)))
+  end
 end
 return cjson.encode({ok = true, rl = rls, tl = tls, now = now, day = day, month = month})
-""".replace("$PARALLEL_RETRY", repr(PARALLEL_RETRY_AFTER_S))
+""".replace("$PARALLEL_RETRY", repr(PARALLEL_RETRY_AFTER_S)).replace("$NEVER", repr(NEVER_S))
 )
 
-# KEYS: per level its state hash and in-flight sorted set, as for acquire. ARGV: time offset, window,
+# KEYS: per level its state hash, in-flight sorted set and period hash, as for acquire. ARGV: time offset, window,
 # reservation id, reserved tokens, actual tokens, acquired at, day, month, reserved cost, actual cost,
 # number of levels, then per level its tpm (-1 = none).
 # Idempotent per level: the reservation's lease is removed first, and only the call that removed it applies
@@ -202,8 +229,8 @@ local cdelta = tonumber(ARGV[10]) - tonumber(ARGV[9])
 local n = tonumber(ARGV[11])
 local applied = 0
 for i = 1, n do
-  local s = KEYS[2 * i - 1]
-  if redis.call('ZREM', KEYS[2 * i], ARGV[3]) == 1 then
+  local s = KEYS[3 * i - 2]
+  if redis.call('ZREM', KEYS[3 * i - 1], ARGV[3]) == 1 then
     applied = applied + 1
     if delta ~= 0 or cdelta ~= 0 then
       local tpm = tonumber(ARGV[11 + i])
@@ -228,6 +255,12 @@ for i = 1, n do
         redis.call('HSET', s, 'mu', num(math.max(0, (tonumber(h[6]) or 0) + delta)),
                    'mc', num(math.max(0, (tonumber(h[8]) or 0) + cdelta)))
       end
+      -- the level's period counter (named by the reservation's period: only one it was booked on)
+      local ph = redis.call('HMGET', KEYS[3 * i], 'pu', 'pc')
+      if ph[1] then
+        redis.call('HSET', KEYS[3 * i], 'pu', num(math.max(0, tonumber(ph[1]) + delta)),
+                   'pc', num(math.max(0, (tonumber(ph[2]) or 0) + cdelta)))
+      end
     end
   end
 end
@@ -235,8 +268,8 @@ return applied
 """
 )
 
-# KEYS: state hash. ARGV: time offset, day, day tokens, month, month tokens, lease seconds, window, day cost,
-# month cost (millionths).
+# KEYS: state hash, period hash. ARGV: time offset, day, day tokens, month, month tokens, lease seconds,
+# window, day cost, month cost (millionths), period tokens, period cost, period end ('' = no period budget).
 # Seeds the budget counters of the current day/month once (sd/sm mark it): a counter keeps the larger of
 # what it holds and the request log's total. A seed for a day or month that is over is ignored.
 _SEED = (
@@ -259,6 +292,15 @@ if tonumber(ARGV[4]) == month and tonumber(h[6]) ~= month then
              'mc', num(math.max(mc, tonumber(ARGV[9]))), 'sm', month)
 end
 redis.call('EXPIRE', KEYS[1], math.ceil(month_start(month + 1) - now + math.max(tonumber(ARGV[7]), tonumber(ARGV[6]))))
+local pend = tonumber(ARGV[12])
+if pend ~= nil and now < pend then
+  local ph = redis.call('HMGET', KEYS[2], 'pu', 'pc', 'sp')
+  if not ph[3] then
+    redis.call('HSET', KEYS[2], 'pu', num(math.max(tonumber(ph[1]) or 0, tonumber(ARGV[10]))),
+               'pc', num(math.max(tonumber(ph[2]) or 0, tonumber(ARGV[11]))), 'sp', 1)
+    redis.call('EXPIRE', KEYS[2], math.ceil(pend - now + math.max(tonumber(ARGV[7]), tonumber(ARGV[6]))))
+  end
+end
 return 1
 """
 )
@@ -279,7 +321,7 @@ return renewed
 """
 )
 
-# KEYS: state hash, in-flight sorted set. ARGV: time offset, window, rpm, tpm. Reads only.
+# KEYS: state hash, in-flight sorted set, period hash. ARGV: time offset, window, rpm, tpm. Reads only.
 _USAGE = (
     _PRELUDE
     + """
@@ -293,7 +335,9 @@ if tonumber(h[5]) == day then du = tonumber(h[6]) or 0; dc = tonumber(h[9]) or 0
 if tonumber(h[7]) == month then mu = tonumber(h[8]) or 0; mc = tonumber(h[10]) or 0 end
 return cjson.encode({rl = drain(h[1], h[2], rpm, now, window), tl = drain(h[3], h[4], tpm, now, window),
                      inflight = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf'),
-                     du = du, mu = mu, dc = dc, mc = mc, now = now, day = day, month = month})
+                     du = du, mu = mu, dc = dc, mc = mc, now = now, day = day, month = month,
+                     pu = tonumber(redis.call('HGET', KEYS[3], 'pu')) or 0,
+                     pc = tonumber(redis.call('HGET', KEYS[3], 'pc')) or 0})
 """
 )
 
@@ -302,13 +346,18 @@ def _arg(value: int | None) -> int:
     return -1 if value is None else value
 
 
+def _when(ts: float | None) -> str:
+    return "" if ts is None else repr(float(ts))
+
+
 class RedisLimiter(Limiter):
     """Limits kept in Redis, shared by every worker and replica that uses the same Redis and prefix.
 
     Each acquire and each settle is one EVALSHA round-trip over a bounded connection pool (max_connections;
     a burst waits up to pool_timeout_s for a connection), however many levels (key, user, team) the request
-    counts against. Two keys per level, sharing a hash tag: a hash (buckets, day and month counters of
-    tokens and cost; TTL to the end of the month) and a sorted set of parallel leases (TTL lease_s). Nothing
+    counts against. Three keys per level, sharing a hash tag: a hash (buckets, day and month counters of
+    tokens and cost; TTL to the end of the month), a sorted set of parallel leases (TTL lease_s) and, for a
+    level with a budget period, that period's hash (named by its start; TTL a little past its end). Nothing
     outlives its window. A request on one level works on Redis Cluster; one on several levels touches
     several hash tags, which a cluster refuses unless they share a slot: use a single Redis (or a
     replicated one) for users and teams.
@@ -426,8 +475,12 @@ class RedisLimiter(Limiter):
             degraded=True,
         )
 
+    def _period_key(self, level: Level) -> str:
+        """The level's budget-period hash: named by the period's start, so a new period counts afresh."""
+        return f"{self.prefix}{{{level.counter}}}:b:{level.limits.period_id}"
+
     def _level_keys(self, levels: Sequence[Level]) -> list[str]:
-        return [k for level in levels for k in self._keys(level.counter)]
+        return [k for level in levels for k in (*self._keys(level.counter), self._period_key(level))]
 
     async def acquire_levels(
         self, levels: Sequence[Level], reserve_tokens: int, reserve_cost: int = 0
@@ -457,6 +510,10 @@ class RedisLimiter(Limiter):
                 _arg(lim.monthly_tokens),
                 _arg(to_micros(lim.daily_spend)),
                 _arg(to_micros(lim.monthly_spend)),
+                _arg(lim.period_tokens),
+                _arg(to_micros(lim.period_spend)),
+                _when(lim.period_start),
+                _when(lim.period_end),
             ]
         try:
             raw = await self._eval(self._acquire, self._level_keys(levels), args)
@@ -507,7 +564,10 @@ class RedisLimiter(Limiter):
         month_tokens: int,
         day_cost: int = 0,
         month_cost: int = 0,
+        period_tokens: int = 0,
+        period_cost: int = 0,
     ) -> None:
+        limits = level.limits
         args = [
             self.time_offset_s,
             day,
@@ -518,9 +578,13 @@ class RedisLimiter(Limiter):
             self.window_s,
             int(day_cost),
             int(month_cost),
+            int(period_tokens),
+            int(period_cost),
+            _when(limits.period_end) if limits.has_period() else "",
         ]
         try:
-            await self._eval(self._seed, self._keys(level.counter)[:1], args)
+            keys = [self._keys(level.counter)[0], self._period_key(level)]
+            await self._eval(self._seed, keys, args)
         except (RedisError, OSError) as exc:
             self._failed("seed", exc)
             raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
@@ -639,7 +703,8 @@ class RedisLimiter(Limiter):
         limits = level.limits
         args = [self.time_offset_s, self.window_s, _arg(limits.rpm), _arg(limits.tpm)]
         try:
-            raw = await self._usage(keys=self._keys(level.counter), args=args)
+            keys = [*self._keys(level.counter), self._period_key(level)]
+            raw = await self._usage(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             self._failed("usage", exc)
             raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
@@ -655,6 +720,8 @@ class RedisLimiter(Limiter):
             window_s=self.window_s,
             day_cost=int(r.get("dc") or 0),
             month_cost=int(r.get("mc") or 0),
+            period_used=int(r.get("pu") or 0) if limits.has_period() else 0,
+            period_cost=int(r.get("pc") or 0) if limits.has_period() else 0,
         )
 
     async def close(self) -> None:

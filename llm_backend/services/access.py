@@ -352,7 +352,13 @@ class _Admission:
 
 def _without_budgets(level: Level) -> Level:
     limits = dataclasses.replace(
-        level.limits, daily_tokens=None, monthly_tokens=None, daily_spend=None, monthly_spend=None
+        level.limits,
+        daily_tokens=None,
+        monthly_tokens=None,
+        daily_spend=None,
+        monthly_spend=None,
+        period_tokens=None,
+        period_spend=None,
     )
     return dataclasses.replace(level, limits=limits)
 
@@ -364,7 +370,8 @@ class Gate:
     Budget counters the limiter has lost (SeedNeeded: Redis restarted or flushed, a fresh worker with the
     in-process limiter, a new day) are re-seeded from the request log before the level's next admission:
     one query per level and window, shared by the requests that wait for it, run by the DatabaseGuard. The
-    rule against double counting: while a window is unseeded the limiter admits nothing for the level, so
+    rule against double counting (a budget period's counter likewise, from the log's sum over the period):
+    while a window is unseeded the limiter admits nothing for the level, so
     the store's counter holds none of the requests the log will report; the seed then keeps the larger of
     the two (see Limiter.seed_level), which also covers a budget added in the middle of a day. Requests
     that ended before the loss but are not yet written by the recorder (a fraction of a second of traffic)
@@ -391,7 +398,7 @@ class Gate:
         self.store = store
         self.guard = guard or DatabaseGuard(5.0)
         self.fail_open = fail_open
-        self._seeding: dict[tuple[str, int, int], asyncio.Task[bool]] = {}
+        self._seeding: dict[tuple[str, int, int, str], asyncio.Task[bool]] = {}
 
     @staticmethod
     def levels(caller: Caller) -> list[Level]:
@@ -418,15 +425,17 @@ class Gate:
         except LimitExceeded as exc:
             if self.on_refusal is not None:
                 self.on_refusal(exc.kind)
-            retry = max(1, math.ceil(exc.retry_after))
             kind = exc.level_kind
             caller.log["limited_by"] = kind
+            headers = {**exc.state.headers(), LEVEL_HEADER: kind}
+            if exc.retryable:  # not for a spent or ended budget period: waiting does not help
+                headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
             raise RateLimited(
                 exc.message,
                 code=exc.code,
                 param=kind,
                 error_type="insufficient_quota" if exc.budget else "rate_limit_error",
-                headers={**exc.state.headers(), "Retry-After": str(retry), LEVEL_HEADER: kind},
+                headers=headers,
             ) from None
         except LimiterUnavailable:
             if self.on_refusal is not None:
@@ -461,7 +470,7 @@ class Gate:
         if self.store is None:
             await self.limiter.seed_level(need.level, need.day, 0, need.month, 0)
             return True
-        window = (need.level.counter, need.day, need.month)
+        window = (need.level.counter, need.day, need.month, need.level.limits.period_id)
         task = self._seeding.get(window)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._load_and_seed(need))
@@ -472,12 +481,25 @@ class Gate:
     async def _load_and_seed(self, need: SeedNeeded) -> bool:
         assert self.store is not None
         level = need.level
+        limits = level.limits
         day_start = datetime.fromtimestamp(need.day * 86400, UTC)
         first_of_month = datetime.fromtimestamp(month_start(need.month), UTC)
         try:
             day_tokens, month_tokens, day_cost, month_cost = await self.guard.run(
                 "budget seeding", self.store.level_totals, level.kind, level.id, day_start, first_of_month
             )
+            period_tokens, period_cost = 0, 0.0
+            if limits.has_period():
+                assert limits.period_end is not None
+                start = limits.period_start
+                period_tokens, period_cost = await self.guard.run(
+                    "budget seeding",
+                    self.store.period_totals,
+                    level.kind,
+                    level.id,
+                    datetime.fromtimestamp(start, UTC) if start is not None else None,
+                    datetime.fromtimestamp(limits.period_end, UTC),
+                )
         except DatabaseUnavailable:
             return False
         await self.limiter.seed_level(
@@ -488,18 +510,21 @@ class Gate:
             month_tokens,
             math.ceil(day_cost * MICROS - 1e-6),
             math.ceil(month_cost * MICROS - 1e-6),
+            period_tokens,
+            math.ceil(period_cost * MICROS - 1e-6),
         )
         _throttle.log(
             "seeded",
             logging.INFO,
             "budget counters of %s %s seeded from the request log: %d tokens (cost %.6f) today, "
-            "%d (cost %.6f) this month",
+            "%d (cost %.6f) this month%s",
             level.kind,
             level.id,
             day_tokens,
             day_cost,
             month_tokens,
             month_cost,
+            f", {period_tokens} (cost {period_cost:.6f}) in its budget period" if limits.has_period() else "",
         )
         return True
 

@@ -16,11 +16,19 @@ from llm_backend.db.repositories import (
     hash_api_key,
     key_token_totals,
     level_totals,
+    period_totals,
 )
 from llm_backend.db.session import session_scope
 from llm_backend.durations import parse_duration
 from llm_backend.errors import InvalidRequest, NotFound
 from llm_backend.limits import KeyLimits
+from llm_backend.services.periods import (
+    PERIOD_FIELDS,
+    clean_period,
+    complete_period,
+    period_limits,
+    period_public,
+)
 
 KEY_PREFIX = "sk-llmb-"
 DISPLAY_CHARS = 12  # "sk-llmb-" + 4 characters of the secret
@@ -89,6 +97,7 @@ def key_info(row: Any) -> KeyInfo:
             max_parallel=row.max_parallel,
             daily_tokens=row.daily_tokens,
             monthly_tokens=row.monthly_tokens,
+            **period_limits(row),
         ),
         expires_at=_aware(row.expires_at),
         enabled=bool(row.enabled),
@@ -117,6 +126,7 @@ def key_public(row: Any) -> dict[str, Any]:
         "max_parallel": row.max_parallel,
         "daily_tokens": row.daily_tokens,
         "monthly_tokens": row.monthly_tokens,
+        **period_public(row),
         "allowed_ips": row.allowed_ips,
         "expires_at": iso(row.expires_at),
         "enabled": bool(row.enabled),
@@ -141,6 +151,7 @@ _EDITABLE = {
     "user",
     "trusted_ui",
     *_LIMIT_FIELDS,
+    *PERIOD_FIELDS,
 }
 
 
@@ -178,6 +189,7 @@ def clean_fields(data: Mapping[str, Any], *, creating: bool) -> dict[str, Any]:
                     f"'{field}' must be a whole number >= 0, or null for no limit.", param=field
                 )
             out[field] = value
+    clean_period(data, out)
     if "allowed_ips" in data:
         ips = data["allowed_ips"]
         if ips is not None:
@@ -264,6 +276,7 @@ class KeyStore:
     def create(self, data: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         fields = clean_fields(data, creating=True)
         secret = generate_key()
+        complete_period(None, fields)
         with session_scope(self.engine, write=True) as session:
             self._resolve_refs(session, fields)
             row = ApiKeyRepository(session).create(
@@ -286,7 +299,11 @@ class KeyStore:
         fields = clean_fields(data, creating=False)
         with session_scope(self.engine, write=True) as session:
             self._resolve_refs(session, fields)
-            row = ApiKeyRepository(session).update(key_id, **fields)
+            repo = ApiKeyRepository(session)
+            current = repo.get(key_id)
+            if current is not None:
+                complete_period(current, fields)
+            row = repo.update(key_id, **fields) if current is not None else None
             if row is None:
                 raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
             public, info = key_public(row), key_info(row)
@@ -317,6 +334,13 @@ class KeyStore:
         """Tokens and cost of a key, a user or a team since the start of the UTC day and month."""
         with session_scope(self.engine) as session:
             return level_totals(session, level, level_id, day_start, month_start)
+
+    def period_totals(
+        self, level: str, level_id: str, start: datetime | None, end: datetime
+    ) -> tuple[int, float]:
+        """Tokens and cost of a key, a user or a team within a budget period [start, end)."""
+        with session_scope(self.engine) as session:
+            return period_totals(session, level, level_id, start, end)
 
     def token_totals(self, key_id: str, day_start: datetime, month_start: datetime) -> tuple[int, int]:
         """Tokens the key used since the start of the UTC day and of the UTC month, from the request log."""

@@ -20,6 +20,13 @@ from llm_backend.errors import GatewayError, InvalidRequest, NotFound
 from llm_backend.limits import KeyLimits, Level
 from llm_backend.logthrottle import LogThrottle
 from llm_backend.services.dbguard import DatabaseGuard
+from llm_backend.services.periods import (
+    PERIOD_FIELDS,
+    clean_period,
+    complete_period,
+    period_limits,
+    period_public,
+)
 
 logger = logging.getLogger(__name__)
 _throttle = LogThrottle(logger, 60.0)
@@ -82,11 +89,18 @@ class Member:
 def merge_limits(limits: Iterable[KeyLimits]) -> KeyLimits:
     """The smallest value of each field over several limits (None: unlimited)."""
     out: dict[str, Any] = {}
-    for lim in limits:
+    every = list(limits)
+    for lim in every:
         for name in KeyLimits.__dataclass_fields__:
             value = getattr(lim, name)
+            if name in ("period_start", "period_end"):
+                continue
             if value is not None and (out.get(name) is None or value < out[name]):
                 out[name] = value
+    # a period's bounds are not merged: those of the first level with a period budget
+    period = next((lim for lim in every if lim.has_period()), None)
+    if period is not None:
+        out["period_start"], out["period_end"] = period.period_start, period.period_end
     return KeyLimits(**out)
 
 
@@ -108,6 +122,7 @@ def _limits_of(row: Any) -> KeyLimits:
         monthly_tokens=row.monthly_tokens,
         daily_spend=row.daily_spend,
         monthly_spend=row.monthly_spend,
+        **period_limits(row),
     )
 
 
@@ -152,9 +167,9 @@ def _member(user: Any, memberships: Sequence[tuple[Any, Any]]) -> Member:
 
 _LIMIT_INTS = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens")
 _LIMIT_MONEY = ("daily_spend", "monthly_spend")
-_TEAM_FIELDS = frozenset({"name", "models", "groups", *_LIMIT_INTS, *_LIMIT_MONEY})
+_TEAM_FIELDS = frozenset({"name", "models", "groups", *_LIMIT_INTS, *_LIMIT_MONEY, *PERIOD_FIELDS})
 _USER_FIELDS = frozenset(
-    {"email", "name", "enabled", "models", "teams", "admin_of", *_LIMIT_INTS, *_LIMIT_MONEY}
+    {"email", "name", "enabled", "models", "teams", "admin_of", *_LIMIT_INTS, *_LIMIT_MONEY, *PERIOD_FIELDS}
 )
 INT_MAX = 2**53  # exact in a double (Lua) and in JSON
 SPEND_MAX = 1e9  # millionths of it stay exact in a double
@@ -220,6 +235,7 @@ def clean_limits(data: Mapping[str, Any], out: dict[str, Any]) -> None:
                     code="invalid_value",
                 )
             out[field] = float(value) if value is not None else None
+    clean_period(data, out)
 
 
 def _unknown(data: Mapping[str, Any], allowed: frozenset[str]) -> None:
@@ -268,6 +284,7 @@ def _limits_public(row: Any) -> dict[str, Any]:
         "monthly_tokens": row.monthly_tokens,
         "daily_spend": row.daily_spend,
         "monthly_spend": row.monthly_spend,
+        **period_public(row),
     }
 
 
@@ -345,6 +362,7 @@ class OrgStore:
 
     def create_team(self, data: Mapping[str, Any]) -> dict[str, Any]:
         fields = clean_team_fields(data, creating=True)
+        complete_period(None, fields)
         try:
             with session_scope(self.engine, write=True) as session:
                 repo = TeamRepository(session)
@@ -379,6 +397,7 @@ class OrgStore:
                 team = self._team(repo, ref)
                 if "name" in fields and fields["name"] != team.name and repo.get_by_name(fields["name"]):
                     raise Conflict(f"A team named '{fields['name']}' exists already.", param="name")
+                complete_period(team, fields)
                 repo.update(team.id, **fields)
                 out = team_public(team, len(repo.members(team.id)))
         except IntegrityError:
@@ -455,6 +474,7 @@ class OrgStore:
             repo = UserRepository(session)
             team_repo = TeamRepository(session)
             user = self._user(repo, ref)
+            complete_period(user, fields)
             repo.update(user.id, **fields)
             if "teams" in data:
                 wanted = {self._team(team_repo, t).id for t in teams or ()}
