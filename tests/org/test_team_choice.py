@@ -97,6 +97,11 @@ def test_keys_name_only_their_own_team(serve, http) -> None:
     for key, value in ((bound, "other"), (bound, "missing"), (plain, "lab"), (ADMIN_SECRET, "lab")):
         err = assert_openai_error(c.post(CHAT, json=chat(), headers={**bearer(key), TEAM: value}), 403)
         assert (err["param"], err["code"]) == (TEAM, "team_not_allowed")
+    # a team's name with accents arrives as its UTF-8 bytes
+    team(c, "équipe")
+    accented = create_key(c, "accented", team="équipe")["key"]
+    r = c.post(CHAT, json=chat(), headers={**bearer(accented), TEAM: "équipe".encode()})
+    assert r.status_code == 200, r.text
     # without the header, nothing changes for either
     assert c.post(CHAT, json=chat(), headers=bearer(plain)).status_code == 200
     assert c.post(CHAT, json=chat(), headers=bearer(bound)).status_code == 200
