@@ -58,6 +58,7 @@ class Resources:
     conversations: Any = None
     responses: Any = None  # llm_backend.services.responses.ResponsesService
     console_sessions: Any = None  # llm_backend.services.sessions.ConsoleSessions
+    signin_throttle: Any = None  # llm_backend.services.signin_throttle.SignInThrottle of console sign-ins
     limiter: Any = None
     tracer: Any = None  # llm_backend.tracing.otel.Tracer when tracing is on
     oidc: Any = None  # llm_backend.services.oidc.OidcAuthenticator when OIDC_ISSUER is set
@@ -200,6 +201,10 @@ async def build_resources(settings: Settings, stack: contextlib.AsyncExitStack) 
         admin_key=settings.admin_key,
         allow_local=settings.auth == "none" and not settings.admin_key,
     )
+    from llm_backend.services.signin_throttle import make_signin_throttle
+
+    resources.signin_throttle = make_signin_throttle(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    stack.push_async_callback(resources.signin_throttle.aclose)
     return resources
 
 

@@ -244,9 +244,41 @@ async def _login_page(target: str | None, message: str | None = None, status: in
     return response
 
 
+async def signin_wait() -> int | None:
+    """Seconds this client must wait before it may try to sign in again (None: it may now)."""
+    throttle = resources().signin_throttle
+    return None if throttle is None else await throttle.retry_after(caller().client_ip)
+
+
+async def signin_failed() -> None:
+    """Count a failed sign-in of this client (the caller logs the failure itself)."""
+    throttle = resources().signin_throttle
+    if throttle is not None:
+        await throttle.failed(caller().client_ip)
+
+
+async def signin_succeeded() -> None:
+    throttle = resources().signin_throttle
+    if throttle is not None:
+        await throttle.succeeded(caller().client_ip)
+
+
+def too_many_sign_ins(wait: int) -> str:
+    minutes = max(1, -(-wait // 60))
+    return (
+        "Too many failed sign-ins from your address. Please wait "
+        f"{minutes} minute{'s' if minutes != 1 else ''} before trying again."
+    )
+
+
 async def login(body: dict[str, Any] | None = None) -> Response:
     form = _form(body)
     target = _safe_next(form.get("next"))
+    wait = await signin_wait()
+    if wait is not None:  # answered without looking at the key
+        throttled = await _login_page(target, too_many_sign_ins(wait), 429)
+        throttled.headers["Retry-After"] = str(wait)
+        return throttled
     expected = request.cookies.get(LOGIN_COOKIE, "")
     presented = form.get("csrf_token", "")
     if not _same_origin() or not expected or not secrets.compare_digest(expected, presented):
@@ -257,10 +289,12 @@ async def login(body: dict[str, Any] | None = None) -> Response:
     )
     if issued is None:
         logger.warning("console sign-in refused from %s: not the admin key", caller().client_ip)
+        await signin_failed()
         return await _login_page(
             target, "That is not the admin key. Client API keys cannot open the console.", 401
         )
     token, session = issued
+    await signin_succeeded()
     response = _redirect(target)
     set_session_cookie(response, token, session)
     response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, secure=_secure(), httponly=True, samesite="strict")

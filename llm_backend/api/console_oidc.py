@@ -16,7 +16,17 @@ from connexion import request
 from starlette.responses import Response
 
 from llm_backend.api.common import caller, resources
-from llm_backend.api.console import _html, _redirect, _safe_next, _secure, set_session_cookie
+from llm_backend.api.console import (
+    _html,
+    _redirect,
+    _safe_next,
+    _secure,
+    set_session_cookie,
+    signin_failed,
+    signin_succeeded,
+    signin_wait,
+    too_many_sign_ins,
+)
 from llm_backend.console.render import render
 from llm_backend.errors import GatewayError
 from llm_backend.services.oidc import SignInFailed, admin_refusal, finish_sign_in, start_sign_in
@@ -115,6 +125,11 @@ async def oidc_callback(
     provider = res.oidc_provider
     if provider is None or not res.settings.oidc.console_enabled:
         return _page("Sign-in unavailable", "Sign-in with the identity provider is not configured.", 404)
+    wait = await signin_wait()
+    if wait is not None:  # the sign-in is not looked at
+        throttled = _page("Sign-in refused", too_many_sign_ins(wait), 429)
+        throttled.headers["Retry-After"] = str(wait)
+        return throttled
     flow = _flow_of(request.cookies.get(FLOW_COOKIE))
     if flow is None:
         return _page(
@@ -124,6 +139,7 @@ async def oidc_callback(
         )
     if not state or not secrets.compare_digest(state.encode(), str(flow["state"]).encode()):
         logger.warning("console OIDC sign-in refused from %s: the state does not match", caller().client_ip)
+        await signin_failed()
         return _page("Sign-in refused", "The sign-in's state does not match the one started here.", 400)
     if error:
         detail = (error_description or "").strip()[:300]
@@ -141,13 +157,22 @@ async def oidc_callback(
             nonce=str(flow["nonce"]),
         )
     except SignInFailed as exc:
+        logger.warning("console OIDC sign-in from %s failed: %s", caller().client_ip, exc.message)
+        if exc.status != 503:  # 503: the provider cannot be reached, no fault of the client's
+            await signin_failed()
         return _page("Sign-in failed", exc.message, exc.status)
-    except GatewayError as exc:
+    except GatewayError as exc:  # the provider's trouble, not the client's: not counted
         return _page("Sign-in failed", exc.message, exc.status_code)
     refusal = admin_refusal(identity, res.settings.oidc)
     if refusal is not None:
-        logger.warning("console OIDC sign-in of %s refused: not an admin", identity.email or identity.subject)
+        logger.warning(
+            "console OIDC sign-in of %s from %s refused: not an admin",
+            identity.email or identity.subject,
+            caller().client_ip,
+        )
+        await signin_failed()
         return _page("Not an administrator", refusal, 403)
+    await signin_succeeded()
     token, session = await asyncio.to_thread(
         res.console_sessions.issue,
         identity.subject,

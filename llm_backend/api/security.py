@@ -40,7 +40,7 @@ async def oidc_info(token: str, request: ConnexionRequest) -> Any:
     oidc = state["resources"].oidc
     if oidc is None or not looks_like_jwt(token):
         return NO_VALUE
-    principal: dict[str, Any] = await oidc(token, state["caller"])
+    principal: dict[str, Any] = await oidc(token, state["caller"], request.headers)
     return principal
 
 

@@ -54,6 +54,8 @@ _throttle = LogThrottle(logger, 60.0)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 #: Response header of a 429 naming the level that refused it: key, user or team.
 LEVEL_HEADER = "x-ratelimit-level"
+#: Request header choosing which of the caller's teams (id or name) a request counts for.
+TEAM_HEADER = "X-LLM-Backend-Team"
 
 
 def database_unavailable(guard: DatabaseGuard, what: str) -> ServiceUnavailable:
@@ -199,8 +201,12 @@ class Authenticator:
             caller.is_admin = True
             caller.key_id = None
             caller.log["key"] = ADMIN
+            if chosen_team(headers) is not None:
+                raise team_not_allowed()
             return {"sub": ADMIN, "admin": True}
         if not self.auth_required:
+            if chosen_team(headers) is not None:
+                raise team_not_allowed()
             return {"sub": "anonymous"}
         info = await self.lookup(token) if token.startswith(KEY_PREFIX) else None
         if info is None:
@@ -223,7 +229,7 @@ class Authenticator:
         caller.log["key"] = f"{info.key_prefix}… ({info.name})"
         self._touch(info.id)
         if info.team_id or info.user_id or headers:
-            await self._org(info, caller, headers)
+            await self._org(info, caller, headers)  # refuses a team header the key cannot use
         return {"sub": info.id, "name": info.name}
 
     def trusted_user(self, headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -278,7 +284,7 @@ class Authenticator:
             raise PermissionDenied(
                 "The user this request is made for is disabled.", param="user", code="user_disabled"
             )
-        apply_member(caller, member, team=team)
+        apply_member(caller, member, team=team, chosen=chosen_team(headers))
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -286,19 +292,61 @@ class Authenticator:
                 await task
 
 
+def chosen_team(headers: Mapping[str, str] | None) -> str | None:
+    """The team a request's X-LLM-Backend-Team header names (None: no header, or an empty one)."""
+    raw = headers.get(TEAM_HEADER.lower()) if headers else None
+    if not raw:
+        return None
+    try:  # header bytes arrive as latin-1; team names may be UTF-8
+        raw = raw.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        pass
+    return raw.strip() or None
+
+
+def team_not_allowed() -> PermissionDenied:
+    """The 403 of a team header naming a team the caller may not count for (unknown teams alike: the
+    answer does not tell whether a team exists)."""
+    return PermissionDenied(
+        f"The team named by the {TEAM_HEADER} header is not one this caller may use: name one of your own "
+        "teams (by id or name), or leave the header out to use your default team.",
+        param=TEAM_HEADER,
+        code="team_not_allowed",
+    )
+
+
 def apply_member(
     caller: Caller,
     member: Member | None,
     *,
     team: tuple[Level, frozenset[str] | None] | None = None,
+    chosen: str | None = None,
 ) -> None:
     """Make the request count for `member` (None: no user) and for `team` (a level and its allowed
     models; None: the member's own team): the user and team it is attributed to, their limit levels
     beside the key's, and only the models every one of them allows.
 
+    `chosen` is the team the request asks for (X-LLM-Backend-Team, an id or name): it must be `team`
+    when that is given (a key's own team), else one of the member's teams; anything else raises the
+    403 of team_not_allowed, with the request attributed to its user alone.
+
     For a caller without a key (an OIDC token) call it with the member alone."""
     levels: list[Level] = []
     allowed = [caller.allowed_models]
+    if chosen is not None:
+        if team is not None:
+            ok = chosen in (team[0].id, team[0].name)
+        else:
+            tid = member.find_team(chosen) if member is not None else None
+            ok = tid is not None
+            if member is not None and tid is not None:
+                team = (member.team_levels[tid], member.team_models.get(tid))
+        if not ok:
+            if member is not None:
+                caller.member = member
+                caller.user_id = member.user_id
+            raise team_not_allowed()
+        caller.log["team_chosen"] = team[0].id if team is not None else None
     if member is not None:
         caller.member = member
         caller.user_id = member.user_id

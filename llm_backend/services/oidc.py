@@ -926,11 +926,16 @@ class OidcAuthenticator:
             )
         caller.identity = identity
         caller.log["user"] = identity.email or identity.subject
+        from llm_backend.services.access import chosen_team, team_not_allowed
+
+        chosen = chosen_team(headers)
         if self.members is not None:
-            await self._become_member(identity, caller)
+            await self._become_member(identity, caller, chosen)
+        elif chosen is not None:  # no database, no teams
+            raise team_not_allowed()
         return {"sub": identity.subject, "oidc": True}
 
-    async def _become_member(self, identity: Identity, caller: Any) -> None:
+    async def _become_member(self, identity: Identity, caller: Any, chosen: str | None = None) -> None:
         from llm_backend.db.session import DatabaseUnavailable
         from llm_backend.services.access import apply_member, database_unavailable
 
@@ -951,7 +956,7 @@ class OidcAuthenticator:
                 f"The user {identity.email or identity.subject} is disabled on this server.",
                 code="user_disabled",
             )
-        apply_member(caller, member)
+        apply_member(caller, member, chosen=chosen)
 
 
 async def setup_oidc(settings: Any, resources: Any, stack: contextlib.AsyncExitStack) -> None:

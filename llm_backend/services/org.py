@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -58,7 +59,8 @@ class Member:
 
     `levels` are the limit levels the user's requests count against besides their key: the user, then
     the team (`team_id`, the first of `team_ids` by name; a key's own team takes its place for requests
-    made with that key). `allowed_models` is what both allow (None: every model)."""
+    made with that key, and a request may choose another of the user's teams with X-LLM-Backend-Team).
+    `allowed_models` is what both allow (None: every model)."""
 
     user_id: str
     issuer: str
@@ -73,6 +75,13 @@ class Member:
     user_models: frozenset[str] | None  # the user's own allowance (without its team's)
     user_level: Level
     team_levels: Mapping[str, Level]  # team id -> its level, for every team of the user
+    team_models: Mapping[str, frozenset[str] | None] = dataclasses.field(default_factory=dict)
+
+    def find_team(self, ref: str) -> str | None:
+        """The id of the user's team with this id or name (None: not one of the user's teams)."""
+        if ref in self.team_levels:
+            return ref
+        return next((tid for tid, level in self.team_levels.items() if level.name == ref), None)
 
     @property
     def levels(self) -> tuple[Level, ...]:
@@ -158,6 +167,7 @@ def _member(user: Any, memberships: Sequence[tuple[Any, Any]]) -> Member:
         user_models=_models_of(user),
         user_level=user_level(user),
         team_levels=team_levels,
+        team_models={team.id: _models_of(team) for team in teams},
     )
 
 
