@@ -121,6 +121,7 @@ class Recorder:
         self._journal_error: str | None = None
         self._journal_retry_at = 0.0
         self._open: dict[str, tuple[int, bytes]] = {}  # request id -> (offset, line) of provisional entries
+        self._open_bytes = 0  # the length of those lines together
         self._buffer: collections.deque[Entry] = collections.deque()
         self._inflight: list[Entry] = []
         self._spill_from: int | None = None  # the journal is the queue from this offset on
@@ -154,7 +155,7 @@ class Recorder:
             offset = None
             if self._journaling:
                 if self._open:
-                    self._open.pop(record.request_id, None)
+                    self._forget_open(record.request_id)
                 offset = self._journal_write(_line(record))
                 if offset is not None and self._spill_from is not None:
                     self._spilled += 1  # queued behind the journal's records, which are replayed in order
@@ -183,10 +184,21 @@ class Recorder:
             offset = self._journal_write(line)
             if offset is not None:
                 if len(self._open) >= MAX_OPEN_ENTRIES:
-                    self._open.pop(next(iter(self._open)))
+                    self._forget_open(next(iter(self._open)))
+                self._forget_open(record.request_id)
                 self._open[record.request_id] = (offset, line)
+                self._open_bytes += len(line)
         except Exception:
             logger.exception("recorder: could not journal request %s", getattr(record, "request_id", "?"))
+
+    def running(self) -> int:
+        """Requests with a provisional entry in the journal (started, not yet submitted)."""
+        return len(self._open)
+
+    def _forget_open(self, request_id: str) -> None:
+        entry = self._open.pop(request_id, None)
+        if entry is not None:
+            self._open_bytes -= len(entry[1])
 
     def _journal_write(self, data: bytes) -> int | None:
         """Append to the journal; the offset, or None when it cannot be written (then noted, retried later)."""
@@ -641,13 +653,21 @@ class Recorder:
         written = frontier - (journal.end - journal.size)  # bytes before the frontier
         if written <= 0:
             return
-        keep = [line for offset, line in self._open.values() if offset < frontier]
-        if (keep or frontier < journal.end) and (
-            journal.size < self.compact_bytes or written < journal.size // 2
-        ):
-            return  # small enough yet, or most of it still unwritten (a truncation to empty is always due)
+        if self._open or frontier < journal.end:  # a rewrite, not a truncation to empty (that is always due)
+            # Rewrite only when that at least halves the file (what it would keep is bounded by the running
+            # requests' entries plus the unwritten tail): the bytes rewritten then stay within the bytes
+            # appended, however many requests are running. 10,000 held streams keep megabytes of provisional
+            # entries, which a rewrite on every pass of the recorder would copy over and over.
+            if (
+                journal.size < self.compact_bytes
+                or self._open_bytes + journal.end - frontier > journal.size // 2
+            ):
+                return
+            keep = b"".join([line for offset, line in self._open.values() if offset < frontier])
+        else:
+            keep = b""
         try:
-            journal.compact(b"".join(keep), frontier)
+            journal.compact(keep, frontier)
         except OSError as exc:
             self._throttle.log(
                 "compact", logging.WARNING, "recorder: could not compact journal %s: %s", journal.path, exc
