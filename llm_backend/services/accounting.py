@@ -21,6 +21,11 @@ from llm_backend.upstream.errors import UpstreamError
 
 logger = logging.getLogger(__name__)
 
+#: How often a running stream's provisional record is journaled again, at most (see progress_interval).
+PROGRESS_INTERVAL = 1.0
+#: Progress entries a second for all running requests of the worker together, at most.
+PROGRESS_PER_S = 500.0
+
 
 class Accountant:
     """Settles a request's rate-limit reservation and hands its record to the recorder, once each."""
@@ -39,6 +44,14 @@ class Accountant:
         self.tracer = tracer  # llm_backend.tracing.otel.Tracer; None unless tracing is on
         # provisional records (journaled when the upstream is asked), if the sink keeps them
         self.started: Callable[[RequestRecord], None] | None = getattr(recorder, "started", None)
+        self._running: Callable[[], int] = getattr(recorder, "running", lambda: 0)
+
+    def progress_interval(self) -> float:
+        """How long a running stream waits before its provisional record is journaled again with the tokens
+        relayed so far: PROGRESS_INTERVAL, stretched so that all running requests together journal at most
+        PROGRESS_PER_S entries a second (10,000 held streams would otherwise spend a good part of the
+        worker's time on entries only a crash would need)."""
+        return max(PROGRESS_INTERVAL, self._running() / PROGRESS_PER_S)
 
     async def settle(self, flight: Flight, tokens: int, usage: Usage | None = None) -> None:
         """Settle the reservation with the tokens used, and their cost from `usage` when it is known (only

@@ -22,8 +22,6 @@ from llm_backend.upstream.router import Router
 logger = logging.getLogger(__name__)
 
 DONE_FRAME = b"data: [DONE]\n\n"
-#: How often a running stream's provisional record is journaled again with the tokens relayed so far.
-PROGRESS_INTERVAL = 1.0
 # The events that end a Responses stream, and the outcome each one records.
 _TERMINAL_EVENTS = {
     "response.completed": OUTCOME_OK,
@@ -164,8 +162,8 @@ async def relay_chunks(
             _accumulate(choices, chat, texts, tool_calls)
             if journal and (texts or tool_calls):
                 now = time.perf_counter()
-                if now >= next_progress:  # the first text, then once a PROGRESS_INTERVAL
-                    next_progress = now + PROGRESS_INTERVAL
+                if now >= next_progress:  # the first text, then once a progress interval
+                    next_progress = now + accountant.progress_interval()
                     accountant.journal_start(flight, state.backend, estimate(), status=200)
             if first_token is None:
                 first_token = time.perf_counter()
@@ -314,7 +312,7 @@ async def relay_events(
                     first_token = time.perf_counter()
                 deltas.append(payload)
                 if journal and (now := time.perf_counter()) >= next_progress:
-                    next_progress = now + PROGRESS_INTERVAL
+                    next_progress = now + accountant.progress_interval()
                     estimate = accountant.estimate(flight, count_tokens(_delta_text(deltas)))
                     accountant.journal_start(flight, state.backend, estimate, status=200)
                 yield block + b"\n\n"

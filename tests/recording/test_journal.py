@@ -142,6 +142,48 @@ async def test_journal_is_compacted_once_written_keeping_running_requests(
     assert found[running.request_id].outcome == OUTCOME_INTERRUPTED
 
 
+async def test_many_running_requests_do_not_make_every_pass_rewrite_the_journal(
+    engine: Engine, make_record: MakeRecord, tmp_path: Path
+) -> None:
+    """Thousands of held streams keep more provisional bytes than compact_bytes: a rewrite is due only
+    once it at least halves the file, so the bytes rewritten stay within the bytes appended."""
+    spill = tmp_path / "recorder.jsonl"
+    rec = Recorder(engine, batch_size=50, flush_interval=0.01, spill_path=spill, compact_bytes=4_000)
+    await rec.start()
+    rewrites: list[int] = []
+    real_compact = rec._journal.compact
+
+    def counting_compact(keep: bytes, start: int) -> None:
+        rewrites.append(len(keep))
+        real_compact(keep, start)
+
+    rec._journal.compact = counting_compact  # type: ignore[method-assign]
+    running = [provisional(make_record) for _ in range(100)]  # far more than compact_bytes together
+    for record in running:
+        rec.started(record)
+    held = spill.stat().st_size
+    assert held > 4 * 4_000
+    appended = 0
+    for _ in range(20):  # requests come and go while the others are held
+        record = make_record()
+        line = _provisional_line(provisional(make_record, request_id=record.request_id))
+        rec.started(provisional(make_record, request_id=record.request_id))
+        rec.submit(record)
+        appended += len(line) + len(_line(record))
+        await wait_until(lambda: rec.pending == 0)
+        await rec._maintain()
+    await rec._maintain()
+    assert sum(rewrites) <= appended  # not the held entries over and over on every pass
+    assert spill.stat().st_size <= held + 2 * appended
+    for record in running:  # the held streams end: what is left is dropped
+        rec.submit(replace(record, outcome="ok", status_code=200, error_type=None))
+    await wait_until(lambda: rec.pending == 0 and rec.stats()["written"] == 120)
+    await rec._maintain()
+    await wait_until(lambda: spill.stat().st_size == 0)
+    await rec.stop()
+    assert len(rows(engine)) == 120
+
+
 async def test_unwritable_journal_keeps_records_in_memory_until_the_database_is_back(
     engine: Engine, backend: str, make_record: MakeRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,3 +255,26 @@ async def test_a_full_disk_at_start_leaves_the_left_journal_whole_and_is_retried
     assert rec.health()["journal_ok"] is True
     await rec.stop()
     assert rows(engine)[cut.request_id].outcome == OUTCOME_INTERRUPTED
+
+
+def test_progress_entries_are_spread_out_when_many_requests_run() -> None:
+    """Each running stream re-journals its progress at most once a second, and all of them together at
+    most PROGRESS_PER_S times a second: 10,000 held streams each every 20 s."""
+    from llm_backend.services.accounting import PROGRESS_INTERVAL, PROGRESS_PER_S, Accountant
+
+    class Sink:
+        open_entries = 0
+
+        def submit(self, record: RequestRecord) -> None: ...
+
+        def started(self, record: RequestRecord) -> None: ...
+
+        def running(self) -> int:
+            return self.open_entries
+
+    sink = Sink()
+    accountant = Accountant(sink)  # type: ignore[arg-type]
+    assert accountant.progress_interval() == PROGRESS_INTERVAL
+    sink.open_entries = 10_000
+    assert accountant.progress_interval() == 10_000 / PROGRESS_PER_S
+    assert Accountant(None).progress_interval() == PROGRESS_INTERVAL
