@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from llm_backend.logthrottle import LogThrottle
 from llm_backend.services.dbguard import DatabaseGuard
 from llm_backend.services.periods import (
     PERIOD_FIELDS,
+    clean_amount,
+    clean_count,
     clean_period,
     complete_period,
     period_limits,
@@ -181,8 +182,6 @@ _TEAM_FIELDS = frozenset({"name", "models", "groups", *_LIMIT_INTS, *_LIMIT_MONE
 _USER_FIELDS = frozenset(
     {"email", "name", "enabled", "models", "teams", "admin_of", *_LIMIT_INTS, *_LIMIT_MONEY, *PERIOD_FIELDS}
 )
-INT_MAX = 2**53  # exact in a double (Lua) and in JSON
-SPEND_MAX = 1e9  # millionths of it stay exact in a double
 
 
 def _text_list(data: Mapping[str, Any], field: str, *, what: str) -> list[str] | None:
@@ -214,37 +213,10 @@ def clean_limits(data: Mapping[str, Any], out: dict[str, Any]) -> None:
         out["allowed_models"] = models if models is not None and "*" not in models else None
     for field in _LIMIT_INTS:
         if field in data:
-            value = data[field]
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT_MAX
-            ):
-                raise InvalidRequest(
-                    f"'{field}' must be a whole number from 0 to {INT_MAX}, or null for no limit.",
-                    param=field,
-                    code="invalid_value",
-                )
-            out[field] = value
+            out[field] = clean_count(field, data[field])
     for field in _LIMIT_MONEY:
         if field in data:
-            value = data[field]
-            if isinstance(value, str):  # the CLI passes amounts as text
-                try:
-                    value = float(value)
-                except ValueError:
-                    value = "bad"
-            if value is not None and (
-                not isinstance(value, int | float)
-                or isinstance(value, bool)
-                or not math.isfinite(value)
-                or not 0 <= value <= SPEND_MAX
-            ):
-                raise InvalidRequest(
-                    f"'{field}' must be an amount from 0 to {SPEND_MAX:.0f} (in the currency of the models' "
-                    "prices), or null for no limit.",
-                    param=field,
-                    code="invalid_value",
-                )
-            out[field] = float(value) if value is not None else None
+            out[field] = clean_amount(field, data[field])
     clean_period(data, out)
 
 

@@ -44,38 +44,43 @@ def parse_when(value: Any, field: str) -> datetime:
     return when
 
 
+def clean_count(field: str, value: Any, *, none: str = "no limit") -> int | None:
+    """A whole number of admin input (tokens, requests) from 0 to INT_MAX, or None."""
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT_MAX
+    ):
+        raise _bad(field, f"'{field}' must be a whole number from 0 to {INT_MAX}, or null for {none}.")
+    return value
+
+
+def clean_amount(field: str, value: Any, *, none: str = "no limit") -> float | None:
+    """An amount of money of admin input (a number, or the CLI's text of one) from 0 to SPEND_MAX, or None."""
+    if isinstance(value, str):  # the CLI passes amounts as text
+        try:
+            value = float(value)
+        except ValueError:
+            value = "bad"
+    if value is not None and (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 <= value <= SPEND_MAX
+    ):
+        raise _bad(
+            field,
+            f"'{field}' must be an amount from 0 to {SPEND_MAX:.0f} (in the currency of the models' prices), "
+            f"or null for {none}.",
+        )
+    return float(value) if value is not None else None
+
+
 def clean_period(data: Mapping[str, Any], out: dict[str, Any]) -> None:
     """Validate the period fields present in admin input into `out` (each on its own; see complete_period
     for the rules between them). null clears a field."""
     if "period_tokens" in data:
-        value = data["period_tokens"]
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= INT_MAX
-        ):
-            raise _bad(
-                "period_tokens",
-                f"'period_tokens' must be a whole number from 0 to {INT_MAX}, or null for none.",
-            )
-        out["period_tokens"] = value
+        out["period_tokens"] = clean_count("period_tokens", data["period_tokens"], none="none")
     if "period_spend" in data:
-        value = data["period_spend"]
-        if isinstance(value, str):  # the CLI passes amounts as text
-            try:
-                value = float(value)
-            except ValueError:
-                value = "bad"
-        if value is not None and (
-            not isinstance(value, int | float)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or not 0 <= value <= SPEND_MAX
-        ):
-            raise _bad(
-                "period_spend",
-                f"'period_spend' must be an amount from 0 to {SPEND_MAX:.0f} (in the currency of the models' "
-                "prices), or null for none.",
-            )
-        out["period_spend"] = float(value) if value is not None else None
+        out["period_spend"] = clean_amount("period_spend", data["period_spend"], none="none")
     for field in ("period_start", "period_end"):
         if field in data:
             value = data[field]
