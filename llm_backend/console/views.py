@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
+from llm_backend.db.repositories import period_totals
+from llm_backend.db.session import session_scope
 from llm_backend.errors import InvalidRequest
 from llm_backend.services.usage import usage_report
 
@@ -98,9 +100,26 @@ def key_rows(store: Any, engine: Any, now: datetime | None = None) -> list[dict[
                 else max(0, key["monthly_tokens"] - used_month),
                 "expired": expired,
                 "status": "disabled" if not key["enabled"] else "expired" if expired else "active",
+                **_period_left(engine, key),
             }
         )
     return rows
+
+
+def _period_left(engine: Any, key: Mapping[str, Any]) -> dict[str, Any]:
+    """What is left of a key's period budget (tokens and money), counted exactly from the request log over
+    the period, as the limiter re-seeds it; None for an amount the key has no period budget in."""
+    if not key.get("period_end") or (key.get("period_tokens") is None and key.get("period_spend") is None):
+        return {"period_left_tokens": None, "period_left_spend": None}
+    start = datetime.fromisoformat(key["period_start"]) if key.get("period_start") else None
+    with session_scope(engine) as session:
+        tokens, cost = period_totals(
+            session, "key", key["id"], start, datetime.fromisoformat(key["period_end"])
+        )
+    return {
+        "period_left_tokens": None if key["period_tokens"] is None else max(0, key["period_tokens"] - tokens),
+        "period_left_spend": None if key["period_spend"] is None else max(0.0, key["period_spend"] - cost),
+    }
 
 
 def backend_rows(router: Any, engine: Any, now: datetime | None = None) -> list[dict[str, Any]]:

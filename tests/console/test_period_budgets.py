@@ -4,8 +4,12 @@ period is saved unchanged."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from llm_backend.db.models import RequestLog
+from llm_backend.db.session import make_engine, session_scope
 from tests.console.conftest import ADMIN_KEY, csrf_of, sign_in
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -15,7 +19,9 @@ def _key(client: Any) -> dict[str, Any]:
     return client.get("/admin/keys", headers=ADMIN).json()["data"][0]  # type: ignore[no-any-return]
 
 
-def test_a_key_period_budget_is_created_shown_and_edited(console_client: Callable[..., Any]) -> None:
+def test_a_key_period_budget_is_created_shown_and_edited(
+    console_client: Callable[..., Any], tmp_path: Path
+) -> None:
     client = console_client()
     sign_in(client)
     token = csrf_of(client.get("/console/keys").text)
@@ -40,6 +46,35 @@ def test_a_key_period_budget_is_created_shown_and_edited(console_client: Callabl
     )
     listing = client.get("/console/keys").text
     assert "period 50,000 tokens 12.5 spend 2026-01-01 00:00 to 2099-04-01 00:00" in listing
+    assert "period 50,000 tokens</small>" in listing and "period 12.5 spend</small>" in listing
+    # what the log holds within the period is what is left off it; a row before the period is not
+    engine = make_engine(f"sqlite:///{tmp_path}/console.db")
+    with session_scope(engine) as session:
+        for n, when in ((1, datetime(2026, 3, 1, tzinfo=UTC)), (2, datetime(2025, 12, 31, 23, tzinfo=UTC))):
+            session.add(
+                RequestLog(
+                    request_id=f"req-{n}",
+                    created_at=when,
+                    route="/v1/chat/completions",
+                    operation="chat.completions",
+                    status_code=200,
+                    outcome="ok",
+                    stream=False,
+                    attempts=1,
+                    prompt_tokens=1_000,
+                    completion_tokens=500,
+                    total_tokens=1_500,
+                    cached_tokens=0,
+                    reasoning_tokens=0,
+                    tokens_estimated=False,
+                    latency_ms=1.0,
+                    key_id=key["id"],
+                    cost=2.25,
+                )
+            )
+    engine.dispose()
+    listing = client.get("/console/keys").text
+    assert "period 48,500 tokens</small>" in listing and "period 10.25 spend</small>" in listing
     edit = client.get(f"/console/keys/{key['id']}").text
     assert 'name="period_end"' in edit and 'value="2099-04-01T00:00:00+00:00"' in edit
 
