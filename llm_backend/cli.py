@@ -428,10 +428,7 @@ def _keys(args: argparse.Namespace, store: Any) -> int:
             )
     elif args.keys_command == "update":
         changes: dict[str, Any] = {}
-        for field in ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens"):
-            value = getattr(args, field)
-            if value is not None:
-                changes[field] = None if value < 0 else value
+        _given(args, changes, ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens"))
         _period_data(args, changes)
         if not changes:
             raise CliError("nothing to change: give a limit flag (see keys update --help)")
@@ -627,13 +624,22 @@ def _period_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _period_data(args: argparse.Namespace, data: dict[str, Any]) -> None:
-    if args.period_tokens is not None:
-        data["period_tokens"] = None if args.period_tokens < 0 else args.period_tokens
-    for field in ("period_spend", "period_start", "period_end"):
+def _given(
+    args: argparse.Namespace, data: dict[str, Any], numbers: Sequence[str] = (), texts: Sequence[str] = ()
+) -> None:
+    """Put the flags given into `data`: a negative number or the word `none` clears a limit (None)."""
+    for field in numbers:
+        value = getattr(args, field)
+        if value is not None:
+            data[field] = None if value < 0 else value
+    for field in texts:
         value = getattr(args, field)
         if value is not None:
             data[field] = None if value.strip().lower() == "none" else value
+
+
+def _period_data(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    _given(args, data, ("period_tokens",), ("period_spend", "period_start", "period_end"))
 
 
 def _limit_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -642,14 +648,7 @@ def _limit_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.models:
         joined = ",".join(args.models)
         data["models"] = None if joined.strip().lower() in ("all", "*") else _csv(joined)
-    for field in _ORG_INTS:
-        value = getattr(args, field)
-        if value is not None:
-            data[field] = None if value < 0 else value
-    for field in ("daily_spend", "monthly_spend"):
-        value = getattr(args, field)
-        if value is not None:
-            data[field] = None if value.strip().lower() == "none" else value
+    _given(args, data, _ORG_INTS, ("daily_spend", "monthly_spend"))
     _period_data(args, data)
     return data
 
