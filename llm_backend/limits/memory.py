@@ -73,6 +73,10 @@ def _roll(st: _KeyState, now: float) -> None:
         st.month, st.month_used, st.month_cost = month, 0, 0
 
 
+def _never(now: float) -> float:  # the shape of seconds_to_next_day: a budget that does not renew
+    return NEVER_S
+
+
 def _roll_period(st: _KeyState, limits: KeyLimits) -> bool:
     """Point the period counters at the level's budget period (a new period starts at zero); False when
     the level has no period budget."""
@@ -156,25 +160,22 @@ class InMemoryLimiter(Limiter):
                 consider(retry, "tokens", limits.tpm, st.tokens_level, reserve)
         if limits.max_parallel is not None and len(st.in_flight) >= limits.max_parallel:
             consider(PARALLEL_RETRY_AFTER_S, "parallel", limits.max_parallel, len(st.in_flight), 1)
-        for kind, limit, used, amount, reset in (
+        budgets: list[tuple[str, int | None, int, int, Callable[[float], float]]] = [
             ("daily_budget", limits.daily_tokens, st.day_used, reserve, seconds_to_next_day),
             ("monthly_budget", limits.monthly_tokens, st.month_used, reserve, seconds_to_next_month),
             ("daily_spend", to_micros(limits.daily_spend), st.day_cost, cost, seconds_to_next_day),
             ("monthly_spend", to_micros(limits.monthly_spend), st.month_cost, cost, seconds_to_next_month),
-        ):
-            if limit is not None and (limit <= 0 or used + min(amount, limit) > limit):
-                consider(reset(now), kind, limit, used, amount)  # type: ignore[arg-type]
+        ]
         if limits.has_period():
             outside = period_check(limits, now)
             if outside is not None:
                 consider(outside[1], outside[0], 0, 0, reserve)
-            else:
-                for kind, limit, used, amount in (
-                    ("period_budget", limits.period_tokens, st.period_used, reserve),
-                    ("period_spend", to_micros(limits.period_spend), st.period_cost, cost),
-                ):
-                    if limit is not None and (limit <= 0 or used + min(amount, limit) > limit):
-                        consider(NEVER_S, kind, limit, used, amount)  # type: ignore[arg-type]
+            else:  # inside the period: its budgets do not renew
+                budgets.append(("period_budget", limits.period_tokens, st.period_used, reserve, _never))
+                budgets.append(("period_spend", to_micros(limits.period_spend), st.period_cost, cost, _never))
+        for kind, limit, used, amount, reset in budgets:
+            if limit is not None and (limit <= 0 or used + min(amount, limit) > limit):
+                consider(reset(now), kind, limit, used, amount)  # type: ignore[arg-type]
         return worst
 
     async def acquire_levels(

@@ -703,8 +703,7 @@ class RedisLimiter(Limiter):
         limits = level.limits
         args = [self.time_offset_s, self.window_s, _arg(limits.rpm), _arg(limits.tpm)]
         try:
-            keys = [*self._keys(level.counter), self._period_key(level)]
-            raw = await self._usage(keys=keys, args=args)
+            raw = await self._usage(keys=self._level_keys([level]), args=args)
         except (RedisError, OSError) as exc:
             self._failed("usage", exc)
             raise LimiterUnavailable("The rate limiter is unavailable; please retry shortly.") from exc
