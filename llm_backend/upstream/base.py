@@ -96,36 +96,53 @@ class Backend(abc.ABC):
         """Release connections (lifespan shutdown)."""
 
 
+DONE = b"[DONE]"  # the data of the event that ends a chat/completions stream
+
+
 class StreamEndedEarly(Exception):
     """The byte stream ended before the `data: [DONE]` event."""
 
 
-async def iter_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
-    """Split a byte stream into SSE events: yields `(block, data)` for every event that has data, the block
-    being the event's lines as sent (`event:`, `data:`, `id:`…, without the blank line that ends it).
+class SseSplitter:
+    """Splits bytes, fed as they arrive, into SSE events: `(block, data)` for every event that has data, the
+    block being the event's lines as sent (`event:`, `data:`, `id:`…, without the blank line that ends it).
+    Synchronous, so that a stream's reader awaits only its socket."""
 
-    The stream ends with the bytes; a `data: [DONE]` event is passed on like any other (the caller decides).
-    """
-    buffer = b""
-    async for chunk in chunks:
-        if not chunk:
-            continue
-        buffer += chunk
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
-        while True:
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                break
+        events: list[tuple[bytes, bytes]] = []
+        while (end := buffer.find(b"\n\n")) >= 0:
             block, buffer = buffer[:end], buffer[end + 2 :]
             data = _event_data(block)
             if data is not None:
-                yield block, data
-    rest = buffer.strip(b"\n")
-    if rest:
-        data = _event_data(rest)
-        if data is not None:
-            yield rest, data
+                events.append((block, data))
+        self._buffer = buffer
+        return events
+
+    def close(self) -> list[tuple[bytes, bytes]]:
+        """The last event, when the bytes end without the blank line after it."""
+        rest, self._buffer = self._buffer.strip(b"\n"), b""
+        data = _event_data(rest) if rest else None
+        return [(rest, data)] if data is not None else []
+
+
+async def iter_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
+    """Split a byte stream into SSE events (see SseSplitter); the stream ends with the bytes, and a
+    `data: [DONE]` event is passed on like any other (the caller decides)."""
+    splitter = SseSplitter()
+    async for chunk in chunks:
+        if chunk:
+            for event in splitter.feed(chunk):
+                yield event
+    for event in splitter.close():
+        yield event
 
 
 async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -134,7 +151,7 @@ async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes
     Raises StreamEndedEarly when the bytes end without [DONE]: the answer was cut off.
     """
     async for _, data in iter_sse_events(chunks):
-        if data == b"[DONE]":
+        if data == DONE:
             # read the body to its end, so the connection goes back to the pool instead of being closed
             async for _ in chunks:
                 pass

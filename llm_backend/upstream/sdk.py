@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -14,12 +15,12 @@ import orjson
 from llm_backend.config import BackendConfig
 from llm_backend.upstream.base import (
     DEPLOYMENT_SCOPED,
+    DONE,
     Backend,
+    SseSplitter,
     StreamEndedEarly,
     UpstreamResponse,
     UpstreamStream,
-    iter_sse_events,
-    iter_sse_payloads,
     request_headers,
 )
 from llm_backend.upstream.errors import (
@@ -327,10 +328,30 @@ except ImportError:  # pragma: no cover - aiohttp (and multidict) not installed
     _NO_HEADERS = None
 
 
+class _TotalTimeout(Exception):
+    """Set on a stream's reader when the backend's total timeout has passed."""
+
+
+def _raw_content(response: httpx2.Response) -> Any:
+    """aiohttp's reader of the body under the SDK's response, when the body can be read from it as sent
+    (no content encoding, which httpx would decode); else None."""
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        return None
+    aio: Any = getattr(getattr(response.stream, "_stream", None), "_aiohttp_response", None)
+    content = getattr(aio, "content", None)
+    return content if callable(getattr(content, "readany", None)) else None
+
+
 class _SdkStream(UpstreamStream):
+    """An upstream's SSE stream, read straight from aiohttp's body reader under the SDK's response: each
+    wait for the next chunk is one await on the socket, with one timer for the whole stream, instead of a
+    chain of eight async generators and a timer per chunk (objects every held stream would rebuild for
+    each chunk, and that the garbage collector would walk). Other transports go through httpx."""
+
     def __init__(self, backend: SdkBackend, response: httpx2.Response, *, events: bool = False) -> None:
         self._backend = backend
         self._response = response
+        self._content = _raw_content(response)
         _shed_request(response)
         self._events = events
         self.headers = response.headers
@@ -338,38 +359,74 @@ class _SdkStream(UpstreamStream):
         self._deadline = asyncio.get_running_loop().time() + backend.config.timeout.total
 
     async def __aiter__(self) -> AsyncIterator[Any]:  # type: ignore[override]
-        reader = iter_sse_events if self._events else iter_sse_payloads
-        events: AsyncIterator[Any] = reader(self._response.aiter_bytes()).__aiter__()
+        events, splitter, content = self._events, SseSplitter(), self._content
+        loop = asyncio.get_running_loop()
+        expiry = None if content is None else loop.call_at(self._deadline, self._expire, content)
+        chunks = self._response.aiter_bytes().__aiter__() if content is None else None
         try:
             while True:
-                try:
-                    async with asyncio.timeout_at(self._deadline):
-                        payload = await events.__anext__()
-                except StopAsyncIteration:
+                if content is not None:
+                    chunk = await content.readany()  # b"" once the body has ended
+                else:
+                    assert chunks is not None
+                    try:
+                        async with asyncio.timeout_at(self._deadline):
+                            chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        chunk = b""
+                    except TimeoutError:
+                        raise _TotalTimeout() from None
+                parsed = splitter.feed(chunk) if chunk else splitter.close()
+                for block, data in parsed:
+                    if events:
+                        yield block, data
+                    elif data == DONE:
+                        await self._read_to_end(content, chunks)
+                        return
+                    else:
+                        yield data
+                if not chunk:
                     break
-                except TimeoutError:
-                    raise UpstreamTimeout(
-                        f"the upstream stream from {self._backend.name!r} ran past its total timeout of "
-                        f"{self._backend.config.timeout.total:g}s",
-                        backend=self._backend.name,
-                    ) from None
-                yield payload
+            if not events:
+                raise StreamEndedEarly()
+        except _TotalTimeout:
+            raise UpstreamTimeout(
+                f"the upstream stream from {self._backend.name!r} ran past its total timeout of "
+                f"{self._backend.config.timeout.total:g}s",
+                backend=self._backend.name,
+            ) from None
         except StreamEndedEarly:
             raise UpstreamBadResponse(
                 f"the upstream stream from {self._backend.name!r} ended before it was complete",
                 backend=self._backend.name,
             ) from None
-        except httpx2.TimeoutException:
+        except (httpx2.TimeoutException, TimeoutError):  # (aiohttp's read timeout is a TimeoutError)
             raise UpstreamTimeout(
                 f"the upstream backend {self._backend.name!r} stopped sending", backend=self._backend.name
             ) from None
-        except (httpx2.HTTPError, openai.APIError) as exc:
+        except (httpx2.HTTPError, openai.APIError, aiohttp.ClientError) as exc:
             raise UpstreamBadResponse(
                 f"the upstream stream from {self._backend.name!r} broke off ({type(exc).__name__})",
                 backend=self._backend.name,
             ) from None
         finally:
+            if expiry is not None:
+                expiry.cancel()
             await self.aclose()
+
+    @staticmethod
+    def _expire(content: Any) -> None:
+        content.set_exception(_TotalTimeout())
+
+    @staticmethod
+    async def _read_to_end(content: Any, chunks: AsyncIterator[bytes] | None) -> None:
+        """Read the body to its end (after [DONE]), so the connection goes back to the pool, not closed."""
+        if content is not None:
+            while await content.readany():
+                pass
+        elif chunks is not None:
+            async for _ in chunks:
+                pass
 
     async def aclose(self) -> None:
         if not self._response.is_closed:
