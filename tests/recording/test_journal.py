@@ -259,7 +259,7 @@ async def test_a_full_disk_at_start_leaves_the_left_journal_whole_and_is_retried
 
 def test_progress_entries_are_spread_out_when_many_requests_run() -> None:
     """Each running stream re-journals its progress at most once a second, and all of them together at
-    most PROGRESS_PER_S times a second: 10,000 held streams each every 20 s."""
+    most PROGRESS_PER_S times a second: 10,000 held streams each every 100 s."""
     from llm_backend.services.accounting import PROGRESS_INTERVAL, PROGRESS_PER_S, Accountant
 
     class Sink:
