@@ -99,10 +99,6 @@ class Backend(abc.ABC):
 DONE = b"[DONE]"  # the data of the event that ends a chat/completions stream
 
 
-class StreamEndedEarly(Exception):
-    """The byte stream ended before the `data: [DONE]` event."""
-
-
 class SseSplitter:
     """Splits bytes, fed as they arrive, into SSE events: `(block, data)` for every event that has data, the
     block being the event's lines as sent (`event:`, `data:`, `id:`…, without the blank line that ends it).
@@ -131,33 +127,6 @@ class SseSplitter:
         rest, self._buffer = self._buffer.strip(b"\n"), b""
         data = _event_data(rest) if rest else None
         return [(rest, data)] if data is not None else []
-
-
-async def iter_sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bytes]]:
-    """Split a byte stream into SSE events (see SseSplitter); the stream ends with the bytes, and a
-    `data: [DONE]` event is passed on like any other (the caller decides)."""
-    splitter = SseSplitter()
-    async for chunk in chunks:
-        if chunk:
-            for event in splitter.feed(chunk):
-                yield event
-    for event in splitter.close():
-        yield event
-
-
-async def iter_sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Split a byte stream into SSE events and yield each event's data (joined lines), stopping at [DONE].
-
-    Raises StreamEndedEarly when the bytes end without [DONE]: the answer was cut off.
-    """
-    async for _, data in iter_sse_events(chunks):
-        if data == DONE:
-            # read the body to its end, so the connection goes back to the pool instead of being closed
-            async for _ in chunks:
-                pass
-            return
-        yield data
-    raise StreamEndedEarly()
 
 
 def _event_data(block: bytes) -> bytes | None:

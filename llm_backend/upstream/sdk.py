@@ -18,7 +18,6 @@ from llm_backend.upstream.base import (
     DONE,
     Backend,
     SseSplitter,
-    StreamEndedEarly,
     UpstreamResponse,
     UpstreamStream,
     request_headers,
@@ -388,16 +387,14 @@ class _SdkStream(UpstreamStream):
                 if not chunk:
                     break
             if not events:
-                raise StreamEndedEarly()
+                raise UpstreamBadResponse(
+                    f"the upstream stream from {self._backend.name!r} ended before it was complete",
+                    backend=self._backend.name,
+                )
         except _TotalTimeout:
             raise UpstreamTimeout(
                 f"the upstream stream from {self._backend.name!r} ran past its total timeout of "
                 f"{self._backend.config.timeout.total:g}s",
-                backend=self._backend.name,
-            ) from None
-        except StreamEndedEarly:
-            raise UpstreamBadResponse(
-                f"the upstream stream from {self._backend.name!r} ended before it was complete",
                 backend=self._backend.name,
             ) from None
         except (httpx2.TimeoutException, TimeoutError):  # (aiohttp's read timeout is a TimeoutError)

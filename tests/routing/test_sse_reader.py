@@ -14,7 +14,7 @@ from werkzeug import Request, Response
 
 from bench.upstream import UpstreamProtocol
 from llm_backend.config import BackendConfig, Timeouts
-from llm_backend.upstream.base import SseSplitter, iter_sse_events
+from llm_backend.upstream.base import SseSplitter
 from llm_backend.upstream.errors import UpstreamBadResponse, UpstreamTimeout
 from llm_backend.upstream.sdk import SdkBackend
 from tests.conftest import sse_body
@@ -41,15 +41,6 @@ def test_events_are_the_same_wherever_the_bytes_break(size: int) -> None:
     for start in range(0, len(EVENTS), size):
         events += splitter.feed(EVENTS[start : start + size])
     assert events + splitter.close() == EXPECTED
-
-    async def chunks():
-        for start in range(0, len(EVENTS), size):
-            yield EVENTS[start : start + size]
-
-    async def collect() -> list[tuple[bytes, bytes]]:
-        return [event async for event in iter_sse_events(chunks())]
-
-    assert asyncio.run(collect()) == EXPECTED
 
 
 def _backend(httpserver: HTTPServer, **kw) -> SdkBackend:
